@@ -1,0 +1,354 @@
+"""Qwen-1.8B-Chat as a transformers (5.x) model, written from the math in ../shared/SPEC.md §2.3.
+
+Checkpoint-compatible with the published weights (names and shapes of SPEC §2.2). Reads bottom-up:
+RMSNorm -> rotary -> attention -> MLP -> block -> model -> LM head.
+
+Differences from Qwen's own remote code, all deliberate: attention always runs through
+torch's scaled_dot_product_attention with one explicit mask that combines causality and padding (the original lost
+the causal mask whenever an attention_mask was passed); rotary embeddings follow `position_ids` (the original
+ignored them, so left-padded batches generated from shifted positions); the KV cache is transformers' Cache API;
+precision is the caller's `dtype`, never chosen from the hardware.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_qwen import QWenConfig
+from .qwen_generation_utils import decode_tokens, get_stop_words_ids, make_context
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back, then scale (the order matters for bf16 parity)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding, with dynamic NTK scaling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ntk_alpha_for(length: int, seq_length: int) -> float:
+    """Dynamic-NTK alpha: 1 up to seq_length, then 3 up to 2x, 7 up to 4x, ... (2^ceil(log2(L/seq)+1) - 1)."""
+    context = math.log(length / seq_length, 2) + 1
+    return float(max(2 ** math.ceil(context) - 1, 1))
+
+
+class RotaryEmbedding(nn.Module):
+    """Split-halves rotary tables (cat(freqs, freqs)) for explicit positions, one base per sample."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        self.register_buffer("inv_freq", self._inv_freq(1.0), persistent=False)
+
+    def _inv_freq(self, ntk_alpha: float, device=None) -> torch.Tensor:
+        base = self.base * ntk_alpha ** (self.dim / (self.dim - 2))
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+
+    def forward(self, position_ids: torch.Tensor, ntk_alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T); returns cos, sin of shape (B, T, 1, dim) in fp32
+        device = position_ids.device
+        if all(a == 1.0 for a in ntk_alphas):
+            inv_freq = self.inv_freq.to(device)[None, :]  # (1, dim/2)
+        else:
+            inv_freq = torch.stack([self._inv_freq(a, device) for a in ntk_alphas])  # (B or 1, dim/2)
+        freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, dim)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # t (B, T, H, D); only the first cos.shape[-1] channels rotate (rotary_pct < 1 leaves the rest as they are)
+    rot_dim = cos.shape[-1]
+    t_rot, t_pass = t[..., :rot_dim].float(), t[..., rot_dim:]
+    t_rot = t_rot * cos + rotate_half(t_rot) * sin
+    return torch.cat((t_rot.type_as(t), t_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)  # the one Linear with a bias
+        self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+        self.c_proj._is_residual_proj = True
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        self.dropout = config.attn_dropout_prob
+        self.use_logn_attn = config.use_logn_attn
+        self.seq_length = config.seq_length
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                past_key_values: Cache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.projection_size, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.num_heads, self.head_dim)
+        v = v.view(B, T, self.num_heads, self.head_dim)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H, S, D)
+        S = k.shape[2]
+        if self.use_logn_attn and not self.training and S > self.seq_length:
+            # LogN scaling: a query at 1-based key position i > seq_length is multiplied by log_seq_length(i)
+            pos = torch.arange(S - T + 1, S + 1, device=q.device, dtype=torch.float32)
+            logn = torch.where(pos > self.seq_length, torch.log(pos) / math.log(self.seq_length), 1.0)
+            q = (q.float() * logn[None, None, :, None]).type_as(q)
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1, scale=self.scale)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.projection_size)
+        return self.c_proj(out)
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        width = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)  # linear ("up") branch
+        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)  # gated branch: SiLU goes here
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+        self.c_proj._is_residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                past_key_values: Cache | None = None, use_cache: bool = False) -> torch.Tensor:
+        h = x + self.attn(self.ln_1(x), rotary, mask, past_key_values)
+        return h + self.mlp(self.ln_2(h))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_is_residual_proj", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module._inv_freq(1.0, module.inv_freq.device))
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True = may attend: causal, offset by the cache, and not onto padding.
+
+    None means plain causal attention with nothing cached, which SDPA handles itself.
+    """
+    kv_len = past_len + q_len
+    padded = attention_mask is not None and not bool(attention_mask[:, -kv_len:].all())
+    if not padded and past_len == 0:
+        return None
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, kv_len)  # (B, 1, T, S)
+    if padded:
+        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+        # A padding query may see nothing at all; let it see everything so SDPA returns numbers, not NaN
+        # (its output is never used: padding keys are masked for every real query).
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
+        rot_dim = int(config.kv_channels * config.rotary_pct)
+        self.rotary_emb = RotaryEmbedding(rot_dim, base=config.rotary_emb_base)
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self._ntk_alphas: list[float] = [1.0]  # chosen at prefill, reused while decoding (as Qwen does)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def _choose_ntk_alphas(self, attention_mask: torch.Tensor | None, kv_len: int, past_len: int) -> list[float]:
+        if self.training or not self.config.use_dynamic_ntk:
+            return [1.0]
+        if past_len > 0:
+            return self._ntk_alphas
+        seq_length = self.config.seq_length
+        if attention_mask is not None and kv_len > seq_length:
+            true_lens = attention_mask[:, -kv_len:].sum(dim=-1).tolist()
+            alphas = [ntk_alpha_for(int(n), seq_length) for n in true_lens]
+        else:
+            alphas = [ntk_alpha_for(kv_len, seq_length)]
+        self._ntk_alphas = alphas
+        return alphas
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        B, T, _ = inputs_embeds.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if not use_cache:
+            past_key_values = None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = inputs_embeds.device
+        if position_ids is None:
+            if attention_mask is not None:
+                # count real tokens only, so left padding does not shift positions
+                full = attention_mask[:, -(past_len + T):].long()
+                position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past_len, past_len + T, device=device)[None, :].expand(B, T)
+        position_ids = position_ids.to(device)
+        if position_ids.shape[0] != B:
+            position_ids = position_ids.expand(B, -1)
+
+        alphas = self._choose_ntk_alphas(attention_mask, past_len + T, past_len)
+        rotary = self.rotary_emb(position_ids, alphas)
+        mask = build_attention_mask(attention_mask, B, T, past_len, device)
+
+        x = self.drop(inputs_embeds)
+        hidden_states = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                hidden_states += (x,)
+            x = block(x, rotary, mask=mask, past_key_values=past_key_values, use_cache=use_cache)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            hidden_states += (x,)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
+                                       hidden_states=hidden_states)
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
+        if logits_to_keep:  # generation needs only the last position's logits
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # position t predicts token t+1; labels are unshifted, -100 is ignored; mean over all labelled tokens
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+    @torch.no_grad()
+    def chat(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None,
+             system: str = "You are a helpful assistant.", generation_config: GenerationConfig | None = None,
+             **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """One ChatML turn: build the prompt from history, generate until <|im_end|>, return (response, history)."""
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        if getattr(generation_config, "chat_format", "chatml") != "chatml":
+            raise ValueError("chat() supports the chatml format only")
+        history = list(history or [])
+        max_window_size = kwargs.pop("max_window_size", getattr(generation_config, "max_window_size", 6144))
+        raw_text, context_tokens = make_context(tokenizer, query, history=history, system=system,
+                                                max_window_size=max_window_size)
+        stop_ids = [ids[0] for ids in get_stop_words_ids("chatml", tokenizer)] + [tokenizer.eod_id]
+        model_kwargs = generation_config.update(eos_token_id=stop_ids, pad_token_id=tokenizer.eod_id, **kwargs)
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        output = self.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                               generation_config=generation_config, **model_kwargs)
+        response = decode_tokens(output[0], tokenizer, raw_text_len=len(raw_text),
+                                 context_length=len(context_tokens), errors="replace")
+        history.append((query, response))
+        return response, history

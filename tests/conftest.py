@@ -1,0 +1,37 @@
+"""Shared fixtures: the project root on sys.path, the reference folder, and a tiny random Qwen checkpoint."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not os.path.isdir(REFERENCE):
+        pytest.skip("../shared/reference is absent")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qwen1_8.tokenization_qwen import QWenTokenizer, packaged_vocab_file
+
+    tok = QWenTokenizer(vocab_file=packaged_vocab_file())
+    tok.pad_token_id = tok.eod_id
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random-weight checkpoint in the real directory format (full vocabulary, fp32)."""
+    from qwen1_8.make_tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny_qwen")
+    make_tiny(str(out), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, seed=0)
+    return str(out)

@@ -1,0 +1,270 @@
+"""What two or more scripts share: the prompts, the ChatML token layout, the training dataset and collator, the
+output parser, JSON Lines I/O that never leaves half-written files, seeding and rank-0 printing.
+
+The token layout reproduces the chapter's (../shared/SPEC.md §1.2) bit for bit, with its output-truncation
+off-by-one fixed, and is built by one function, `build_chatml_ids`, used by training and prediction alike.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from qwen1_8.qwen_generation_utils import chatml_block, text_ids
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts and fields
+# --------------------------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+# The chapter's instruction, verbatim: six lines, each ending in "\n"; the dialogue is appended right after it.
+INSTRUCTION = (
+    "你现在是一个医疗对话要素抽取专家。\n"
+    "请针对下面对话内容抽取出药品名称、药物类别、医疗检查、医疗操作、现病史、辅助检查、诊断结果和医疗建议等内容，"
+    "并且以json格式返回，Key为上述待抽取的字段名称，Value为抽取出的文本内容。\n"
+    "注意事项：（1）药品名称、药物类别、医疗检查和医疗操作的内容会在对话中存在多个，因此Value内容以List形式存放；"
+    "若抽取内容为空，则为一个空的List；\n"
+    "（2）抽取出的药品名称、药物类别、医疗检查和医疗操作对应内容，需要完全来自于原文，不可进行修改，内容不重复；\n"
+    "（3）现病史、辅助检查、诊断结果和医疗建议的内容需要根据整个对话内容进行总结抽取，Value内容以Text形式存放。\n"
+    "对话文本：\n"
+)
+
+LIST_KEYS = ("药品名称", "药物类别", "医疗检查", "医疗操作")
+TEXT_KEYS = ("现病史", "辅助检查", "诊断结果", "医疗建议")
+EXTRACT_KEYS = LIST_KEYS + TEXT_KEYS
+
+IGNORE_INDEX = -100  # labels at this value are skipped by the loss
+
+
+def format_output(extract: dict) -> str:
+    """The training target: a ```json fence around the 8 fields in canonical order (no quote rewriting)."""
+    ordered = {k: extract[k] for k in EXTRACT_KEYS}
+    return "```json\n" + json.dumps(ordered, ensure_ascii=False) + "\n```"
+
+
+def parse_output(text: str) -> tuple[dict, bool]:
+    """Parse a model answer into the 8 fields. Returns (fields, valid)."""
+    raise NotImplementedError("parse_output is being written")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ChatML token layout (content is encoded with allowed_special=set(): "<|im_end|>" typed by a user stays text)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatMLIds:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool  # the chapter's skip flag: the prompt or the answer did not fit
+
+
+def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int, max_src_len: int,
+                     system: str = SYSTEM_PROMPT) -> ChatMLIds:
+    """Token ids of one exchange in the chapter's layout:
+
+        <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n{output}<|im_end|>
+
+    With `output=None` it returns the generation prompt, which ends after `assistant\\n` and is token-identical to
+    the training prefix. Labels are -100 everywhere but `assistant`, `\\n`, the answer and the final `<|im_end|>`
+    (unshifted: the model shifts). A user block longer than `max_src_len` keeps its head and re-appends
+    `<|im_end|>` (the chapter's rule); an answer that does not fit is cut so the whole is exactly `max_len` long.
+    """
+    nl = text_ids(tokenizer, "\n")
+    system_ids = chatml_block(tokenizer, "system", system)
+    prompt_ids = chatml_block(tokenizer, "user", user_text)
+    truncated = False
+    if len(prompt_ids) > max_src_len:
+        prompt_ids = prompt_ids[: max_src_len - 1] + [prompt_ids[-1]]
+        truncated = True
+    head = system_ids + nl + prompt_ids + nl
+    if output is None:
+        ids = head + [tokenizer.im_start_id] + text_ids(tokenizer, "assistant") + nl
+        return ChatMLIds(ids, [IGNORE_INDEX] * len(ids), truncated)
+
+    output_ids = chatml_block(tokenizer, "assistant", output)
+    budget = max_len - len(head)  # the chapter forgot the "\n" separator here, so its cut samples were max_len + 1
+    if len(output_ids) > budget:
+        output_ids = output_ids[: budget - 1] + [output_ids[-1]]
+        truncated = True
+    # The separator "\n" and the assistant's <|im_start|> are never trained; "assistant\n" onwards is.
+    labels = [IGNORE_INDEX] * (len(head) + 1) + output_ids[1:]
+    return ChatMLIds(head + output_ids, labels, truncated)
+
+
+def min_answer_room(max_len: int, max_src_len: int) -> int:
+    """Tokens left for the answer block when the prompt is as long as allowed (system 10 + separators 2)."""
+    return max_len - (max_src_len + 12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON Lines I/O
+# --------------------------------------------------------------------------------------------------------------
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, record) for each non-blank line; a bad line raises naming file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in the same directory, then an atomic rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_jsonl(path: str, records: Iterable[dict]) -> None:
+    """Append whole lines and flush them to disk, so an interrupted run keeps everything written so far."""
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_done_ids(path: str) -> set[int]:
+    """Ids already in a results file (for resuming). A torn last line from a killed run is dropped from the file."""
+    if not os.path.exists(path):
+        return set()
+    done: set[int] = set()
+    good_lines: list[str] = []
+    torn = False
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                done.add(int(record["id"]))
+                good_lines.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                torn = True
+    if torn:
+        atomic_write_text(path, "".join(good_lines))
+    return done
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training data
+# --------------------------------------------------------------------------------------------------------------
+
+
+class QwenPromptDataSet(torch.utils.data.Dataset):
+    """data_helper's JSON Lines ({instruction, input, output}) as token ids and labels, tokenized eagerly."""
+
+    def __init__(self, data_path: str, tokenizer, max_len: int, max_src_len: int, is_skip: bool, rank: int = 0):
+        if max_src_len >= max_len:
+            raise ValueError(f"max_src_len ({max_src_len}) must be smaller than max_len ({max_len})")
+        if min_answer_room(max_len, max_src_len) < 4:
+            raise ValueError(f"max_len {max_len} leaves no room for an answer after max_src_len {max_src_len}")
+        self.data_path = data_path
+        self.items: list[dict[str, list[int]]] = []
+        self.skipped = 0
+        for lineno, sample in iter_jsonl(data_path):
+            for field in ("instruction", "input", "output"):
+                if not isinstance(sample.get(field), str):
+                    raise ValueError(f"{data_path}:{lineno}: field '{field}' is missing or not a string")
+            ids = build_chatml_ids(tokenizer, sample["instruction"] + sample["input"], sample["output"],
+                                   max_len, max_src_len)
+            if is_skip and ids.truncated:
+                self.skipped += 1
+                continue
+            self.items.append({"input_ids": ids.input_ids, "labels": ids.labels})
+        total = len(self.items) + self.skipped
+        if total == 0:
+            raise ValueError(f"{data_path}: no samples (the file is empty)")
+        print_rank_0(f"{data_path}: {len(self.items)} samples kept, {self.skipped} skipped "
+                     f"(proportion {self.skipped / total:.4f})", rank)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.items[index]
+
+
+class DataCollator:
+    """Right-pads a batch to a multiple of 8 with the pad id (labels with -100) and adds an attention_mask."""
+
+    def __init__(self, tokenizer, multiple_of: int = 8):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token_id; set it to tokenizer.eod_id")
+        self.pad_id = tokenizer.pad_token_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in batch)
+        width = math.ceil(longest / self.multiple_of) * self.multiple_of
+        input_ids, labels, mask = [], [], []
+        for item in batch:
+            pad = width - len(item["input_ids"])
+            input_ids.append(item["input_ids"] + [self.pad_id] * pad)
+            labels.append(item["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(item["input_ids"]) + [0] * pad)
+        return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "attention_mask": torch.tensor(mask, dtype=torch.long)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runtime helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def set_random_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def print_rank_0(msg: Any, rank: int = 0) -> None:
+    if rank <= 0:
+        print(msg, flush=True)
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """Accepts 'auto', 'cpu', 'cuda', 'cuda:N', or the chapter's bare GPU index ('1'); '-1' means CPU."""
+    if device in (None, "", "auto"):
+        return torch.device(default_device())
+    if device == "-1":
+        return torch.device("cpu")
+    if device.isdigit():
+        device = f"cuda:{device}"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return dev
