@@ -313,16 +313,23 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, skip_logits: bool = False, **kwargs) -> CausalLMOutputWithPast:
+        """`skip_logits=True` (training) computes the loss from the labelled positions only and returns no logits:
+        the same loss, without the (B, T, vocab) fp32 logits that dominate memory when few tokens are labelled."""
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
-        if logits_to_keep:  # generation needs only the last position's logits
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
+        loss, logits = None, None
+        if labels is not None and skip_logits:
+            shift_labels = labels[:, 1:].to(hidden.device)
+            keep = shift_labels != -100
+            loss = F.cross_entropy(self.lm_head(hidden[:, :-1][keep]).float(), shift_labels[keep])
+        else:
+            if logits_to_keep:  # generation needs only the last position's logits
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.lm_head(hidden)
+        if labels is not None and loss is None:
             # position t predicts token t+1; labels are unshifted, -100 is ignored; mean over all labelled tokens
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)

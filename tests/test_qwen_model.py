@@ -341,3 +341,23 @@ def test_make_tiny_writes_the_real_layout(tiny_ckpt):
         gen = json.load(f)
     assert gen["chat_format"] == "chatml" and gen["eos_token_id"] == 151643
     assert len(QWenTokenizer.from_pretrained(tiny_ckpt)) == 151851
+
+
+def test_skip_logits_gives_the_same_loss_and_gradients():
+    model = random_model(seed=4).train()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :10] = -100
+    labels[1, :6] = -100
+
+    def run(**kw):
+        model.zero_grad()
+        out = model(ids, labels=labels, **kw)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, g_full = run()
+    lean, g_lean = run(skip_logits=True)
+    assert lean.logits is None and torch.allclose(full.loss, lean.loss, atol=1e-6)
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_lean[name], atol=1e-6), name
