@@ -6,6 +6,7 @@ off-by-one fixed, and is built by one function, `build_chatml_ids`, used by trai
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -50,9 +51,115 @@ def format_output(extract: dict) -> str:
     return "```json\n" + json.dumps(ordered, ensure_ascii=False) + "\n```"
 
 
+_JSON_DECODER = json.JSONDecoder(strict=False)
+
+
+def _balanced_end(text: str, start: int) -> int | None:
+    """Index of the '}' closing the '{' at `start`, skipping braces inside '...' or "..." strings; None if unclosed."""
+    depth, quote, i = 0, None, start
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _object_at(text: str, start: int) -> tuple[Any, int]:
+    """The value of the object literal starting at `start` and the index after it; (None, start + 1) if none parses.
+
+    JSON is tried first (strict=False: models put raw newlines inside strings); then the balanced span as a Python
+    literal, which repairs single-quoted dict reprs and trailing commas without ever executing anything.
+    """
+    try:
+        value, end = _JSON_DECODER.raw_decode(text, start)
+        return value, end
+    except json.JSONDecodeError:
+        pass
+    end = _balanced_end(text, start)
+    if end is None:
+        return None, start + 1
+
+    try:
+        return ast.literal_eval(text[start:end + 1]), end + 1
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None, start + 1
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):  # a Python literal JSON cannot hold (tuple keys, sets)
+            return str(value)
+    return str(value)
+
+
+def _normalise_fields(obj: dict) -> dict:
+    """The 8 keys with their declared types: list fields hold lists of strings, text fields hold strings."""
+    by_key = {str(k).strip(): v for k, v in obj.items()}
+    fields: dict = {}
+    for key in LIST_KEYS:
+        value = by_key.get(key)
+        if isinstance(value, (list, tuple, set)):
+            fields[key] = [_as_text(item) for item in value if item is not None]
+        elif value is None or (isinstance(value, str) and not value.strip()):
+            fields[key] = []
+        else:  # one bare value where a list was asked for
+            fields[key] = [_as_text(value)]
+    for key in TEXT_KEYS:
+        value = by_key.get(key)
+        if isinstance(value, (list, tuple)):
+            fields[key] = "".join(_as_text(item) for item in value)
+        else:
+            fields[key] = _as_text(value)
+    return fields
+
+
+def _empty_fields() -> dict:
+    """The 8 keys, all empty: [] for list fields, "" for text fields."""
+    return {**{k: [] for k in LIST_KEYS}, **{k: "" for k in TEXT_KEYS}}
+
+
 def parse_output(text: str) -> tuple[dict, bool]:
-    """Parse a model answer into the 8 fields. Returns (fields, valid)."""
-    raise NotImplementedError("parse_output is being written")
+    """Parse a model answer into the 8 fields. Returns (fields, valid).
+
+    Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
+    object, and single-quoted Python-dict output. The first object holding any of the 8 keys wins (else the first
+    object at all). Missing keys are empty; a string in a list field becomes a one-item list (a blank one, []);
+    a list in a text field is joined with ""; non-string items become strings. `valid` says whether an object was
+    found; when it is False every field is empty.
+    """
+    first = None
+    start = text.find("{")
+    while start != -1:
+        value, after = _object_at(text, start)
+        if isinstance(value, dict):
+            if any(str(k).strip() in EXTRACT_KEYS for k in value):
+                return _normalise_fields(value), True
+            if first is None:
+                first = value
+            start = text.find("{", after)
+        else:
+            start = text.find("{", start + 1)
+    if first is not None:
+        return _normalise_fields(first), True
+    return _empty_fields(), False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,6 +238,9 @@ def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

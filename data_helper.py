@@ -1,0 +1,136 @@
+"""Turn data/all.json (dialogues with their extracted elements) into the training and test files, split by a seed.
+
+Each record of all.json becomes one JSON line `{"instruction", "input", "output"}`: the chapter's instruction, the
+dialogue, and the eight fields as a ```json fence around `json.dumps` (so apostrophes and quotes inside the text stay
+valid JSON, unlike the chapter's quote replacement). The files keep the chapter's `.json` names but hold JSON Lines.
+Everything is validated before anything is written, and each file is written whole or not at all.
+
+    python data_helper.py --all_path data/all.json --train_path data/train.json --test_path data/test.json \\
+        --test_size 50 --seed 1234
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, atomic_write_text, format_output
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--all_path", default="data/all.json",
+                       help="input: one JSON array of {dialogue_text, extract_text} records")
+    paths.add_argument("--train_path", default="data/train.json", help="output: training samples (JSON Lines)")
+    paths.add_argument("--test_path", default="data/test.json", help="output: test samples (JSON Lines)")
+    split = parser.add_argument_group("split")
+    split.add_argument("--test_size", type=int, default=50, help="number of records that go to the test file")
+    split.add_argument("--seed", type=int, default=1234, help="seed of the shuffle; the same seed gives the same files")
+    return parser.parse_args(argv)
+
+
+def load_records(path: str) -> list:
+    """The JSON array in `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(data).__name__}")
+    return data
+
+
+def parse_extract(value, where: str) -> dict:
+    """The 8 fields of one record's `extract_text`, given as a dict, a JSON string or a Python-literal string (the
+    chapter's all.json may hold dict reprs). Strings are parsed with json, then ast.literal_eval; never eval.
+    List fields are de-duplicated, keeping the first occurrence, because the instruction asks for no repeats."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                value = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise ValueError(f"{where}: extract_text is a string that is neither JSON nor a Python literal") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: extract_text must be an object with the 8 keys, got {type(value).__name__}")
+    missing = [k for k in EXTRACT_KEYS if k not in value]
+    if missing:
+        raise ValueError(f"{where}: extract_text is missing key(s) {', '.join(missing)}")
+    unknown = [str(k) for k in value if k not in EXTRACT_KEYS]
+    if unknown:
+        raise ValueError(f"{where}: extract_text has unknown key(s) {', '.join(unknown)}")
+    extract = {}
+    for key in LIST_KEYS:
+        items = value[key]
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"{where}: extract_text['{key}'] must be a list of strings, got {items!r:.60}")
+        extract[key] = list(dict.fromkeys(items))
+    for key in TEXT_KEYS:
+        if not isinstance(value[key], str):
+            raise ValueError(f"{where}: extract_text['{key}'] must be a string, got {value[key]!r:.60}")
+        extract[key] = value[key]
+    return extract
+
+
+def build_samples(records: list, path: str) -> list[dict]:
+    """One {instruction, input, output} sample per record; the first bad record raises, naming path and index."""
+    samples = []
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        dialogue = record.get("dialogue_text")
+        if dialogue is None:
+            raise ValueError(f"{where}: missing 'dialogue_text'")
+        if not isinstance(dialogue, str):
+            raise ValueError(f"{where}: 'dialogue_text' must be a string, got {type(dialogue).__name__}")
+        if not dialogue.strip():
+            raise ValueError(f"{where}: 'dialogue_text' is empty")
+        if "extract_text" not in record:
+            raise ValueError(f"{where}: missing 'extract_text'")
+        extract = parse_extract(record["extract_text"], where)
+        samples.append({"instruction": INSTRUCTION, "input": dialogue, "output": format_output(extract)})
+    return samples
+
+
+def split_samples(samples: list[dict], test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test): a seeded shuffle of the indices; the first `test_size` go to test."""
+    if not 0 < test_size < len(samples):
+        raise ValueError(f"--test_size {test_size} must be at least 1 and smaller than the number of records "
+                         f"({len(samples)})")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [samples[i] for i in order[test_size:]], [samples[i] for i in order[:test_size]]
+
+
+def to_jsonl(samples: list[dict]) -> str:
+    return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        paths = [os.path.abspath(p) for p in (args.all_path, args.train_path, args.test_path)]
+        if len(set(paths)) < 3:
+            raise ValueError("--all_path, --train_path and --test_path must be three different files")
+        samples = build_samples(load_records(args.all_path), args.all_path)
+        train, test = split_samples(samples, args.test_size, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"data_helper: error: {e}") from None
+    atomic_write_text(args.train_path, to_jsonl(train))
+    atomic_write_text(args.test_path, to_jsonl(test))
+    print(f"read {len(samples)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
+          f"{len(test)} to {args.test_path} (seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Score predictions against data/test.json: per-field and overall precision / recall / F1, JSON-valid rate,
+exact-match rate and the share of extracted list items that occur in the dialogue (grounded rate).
+
+    python evaluate.py --gold data/test.json --pred predictions.jsonl --report report.json
+
+`--pred` is what predict.py, test_qwen.py or test_openai.py wrote: JSON Lines with the raw model text in "output"
+and, usually, "id" (the 0-based line of the gold record). Both the gold and the predicted outputs are read with
+`utils.parse_output`, so either fence style, chatter around the JSON and single quotes are all accepted; an output
+with no JSON object counts as all-empty fields.
+
+List fields (药品名称, 药物类别, 医疗检查, 医疗操作) compare sets of whitespace-stripped items; text fields (现病史,
+辅助检查, 诊断结果, 医疗建议) compare characters through the longest common subsequence, whitespace removed. Counts
+are pooled over all samples before dividing (micro averages); "overall" is the mean of the 8 fields. With
+`--json` only the report is printed, as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import unicodedata
+from typing import Sequence
+
+from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, atomic_write_text, iter_jsonl, parse_output
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input")
+    io.add_argument("--gold", type=str, default="data/test.json",
+                    help="data_helper's JSON Lines ({instruction, input, output}): the dialogues and gold answers")
+    io.add_argument("--pred", type=str, default="predictions.jsonl",
+                    help="predictions as JSON Lines with 'output' (the raw model text) and usually 'id'")
+    out = parser.add_argument_group("output")
+    out.add_argument("--report", type=str, default=None,
+                     help="also write the report as JSON to this file (atomically); by default nothing is written")
+    out.add_argument("--json", action="store_true", help="print only the report, as JSON, instead of the table")
+    args = parser.parse_args(argv)
+    for flag, path in (("--gold", args.gold), ("--pred", args.pred)):
+        if not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        gold_ids, golds = load_gold(args.gold)
+        preds = load_predictions(args.pred)
+        report = evaluate(golds, preds, gold_ids=gold_ids, gold_name=args.gold, pred_name=args.pred)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    text = json.dumps(report, ensure_ascii=False, indent=2)
+    if args.report:
+        atomic_write_text(args.report, text + "\n")
+    print(text if args.json else format_table(report), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_gold(path: str) -> tuple[list[int], list[dict]]:
+    """(0-based line index, record) of each gold line; `input` and `output` must be strings."""
+    ids, records = [], []
+    for lineno, record in iter_jsonl(path):
+        for field in ("input", "output"):
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{path}:{lineno}: field '{field}' is missing or not a string")
+        ids.append(lineno - 1)
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty)")
+    return ids, records
+
+
+def load_predictions(path: str) -> list[dict]:
+    """Prediction records; `output` must be a string and `id`, where present, an integer."""
+    records = []
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get("output"), str):
+            raise ValueError(f"{path}:{lineno}: field 'output' is missing or not a string")
+        if "id" in record and not _is_int(record["id"]):
+            raise ValueError(f"{path}:{lineno}: field 'id' must be an integer, got {record['id']!r}")
+        records.append(record)
+    return records
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------
+
+
+def align(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] | None = None,
+          gold_name: str = "gold", pred_name: str = "predictions") -> list[tuple[int, int]]:
+    """(gold index, prediction index) pairs: by `id` when every prediction has one (ids unique, each naming a gold
+    line), else by order. Raises ValueError when the counts differ or an id is repeated or unknown."""
+    gold_ids = list(range(len(golds))) if gold_ids is None else list(gold_ids)
+    if len(gold_ids) != len(golds):
+        raise ValueError(f"{len(gold_ids)} gold ids for {len(golds)} gold records")
+    if len(preds) != len(golds):
+        raise ValueError(f"{pred_name} has {len(preds)} predictions but {gold_name} has {len(golds)} records; "
+                         f"finish the predictions (a rerun resumes) or point --gold at the file they came from")
+    if not preds or not all("id" in p for p in preds):
+        return [(i, i) for i in range(len(preds))]
+    index_of = {gid: i for i, gid in enumerate(gold_ids)}
+    pairs, seen = [], set()
+    for j, pred in enumerate(preds):
+        pid = pred["id"]
+        if not _is_int(pid):
+            raise ValueError(f"{pred_name}: prediction {j}: field 'id' must be an integer, got {pid!r}")
+        if pid in seen:
+            raise ValueError(f"{pred_name}: prediction {j}: id {pid} occurs more than once")
+        if pid not in index_of:
+            raise ValueError(f"{pred_name}: prediction {j}: id {pid} matches no record of {gold_name} "
+                             f"(ids are 0-based line numbers)")
+        seen.add(pid)
+        pairs.append((index_of[pid], j))
+    return pairs
+
+
+def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] | None = None,
+             gold_name: str = "gold", pred_name: str = "predictions") -> dict:
+    """The report for gold records ({input, output}) and prediction records ({output[, id]}).
+
+    `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
+    {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields": {key: {"precision", "recall", "f1"}},
+    "overall": {"precision", "recall", "f1"}}; every rate is in [0, 1].
+    """
+    if not golds:
+        raise ValueError(f"{gold_name}: no records to evaluate")
+    if gold_ids is not None and len(gold_ids) != len(golds):
+        raise ValueError(f"{len(gold_ids)} gold ids for {len(golds)} gold records")
+    gold_fields = []
+    for i, gold in enumerate(golds):
+        where = f"{gold_name}: record {i}" if gold_ids is None else f"{gold_name}:{gold_ids[i] + 1}"
+        for field in ("input", "output"):
+            if not isinstance(gold.get(field), str):
+                raise ValueError(f"{where}: field '{field}' is missing or not a string")
+        fields, valid = parse_output(gold["output"])
+        if not valid:
+            raise ValueError(f"{where}: the gold 'output' holds no JSON object")
+        gold_fields.append(fields)
+    for j, pred in enumerate(preds):
+        if not isinstance(pred.get("output"), str):
+            raise ValueError(f"{pred_name}: prediction {j}: field 'output' is missing or not a string")
+
+    tp = {k: 0 for k in EXTRACT_KEYS}  # list fields: shared items; text fields: LCS characters
+    n_pred = {k: 0 for k in EXTRACT_KEYS}
+    n_gold = {k: 0 for k in EXTRACT_KEYS}
+    valid_count = exact_count = items = grounded = 0
+    pairs = align(golds, preds, gold_ids, gold_name, pred_name)
+    for i, j in pairs:
+        dialogue, gold = golds[i]["input"], gold_fields[i]
+        pred, valid = parse_output(preds[j]["output"])
+        valid_count += valid
+        exact = valid
+        for key in LIST_KEYS:
+            p, g = item_set(pred[key]), item_set(gold[key])
+            tp[key] += len(p & g)
+            n_pred[key] += len(p)
+            n_gold[key] += len(g)
+            exact = exact and p == g
+            items += len(p)
+            grounded += sum(item in dialogue for item in p)
+        for key in TEXT_KEYS:
+            p, g = squash(pred[key]), squash(gold[key])
+            tp[key] += lcs_length(p, g)
+            n_pred[key] += len(p)
+            n_gold[key] += len(g)
+            exact = exact and p == g
+        exact_count += exact
+    fields = {k: prf(tp[k], n_pred[k], n_gold[k]) for k in EXTRACT_KEYS}
+    overall = {m: sum(f[m] for f in fields.values()) / len(fields) for m in ("precision", "recall", "f1")}
+    n = len(pairs)
+    return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
+            "grounded_rate": grounded / items if items else 1.0, "fields": fields, "overall": overall}
+
+
+def item_set(items: Sequence[str]) -> set[str]:
+    """List-field items as a set, each stripped of surrounding whitespace, empty ones dropped."""
+    return {s for s in (item.strip() for item in items) if s}
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def squash(text: str) -> str:
+    """Text without any whitespace, so line breaks and spacing never count as content."""
+    return _WHITESPACE.sub("", text)
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings.
+
+    Bit-parallel (Allison–Dix / Hyyrö): bit i of `v` is 0 where row i of the classic DP table steps up, so one
+    big-integer add and a few logic operations per character of `b` replace a row of |a| cells.
+    """
+    if not a or not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(a):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for ch in b:
+        u = v & masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - bin(v).count("1")
+
+
+def prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
+    """Precision, recall and F1 from pooled counts; nothing predicted is perfect precision only if nothing was
+    expected, and nothing expected is perfect recall only if nothing was predicted."""
+    precision = tp / n_pred if n_pred else (1.0 if n_gold == 0 else 0.0)
+    recall = tp / n_gold if n_gold else (1.0 if n_pred == 0 else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _ljust(text: str, width: int) -> str:
+    """Left-justify by display width: CJK characters take two terminal columns."""
+    shown = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(width - shown, 0)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{_ljust('field', 10)} {'precision':>9} {'recall':>9} {'f1':>9}"]
+    rows = list(report["fields"].items()) + [("overall", report["overall"])]
+    for name, scores in rows:
+        if name == "overall":
+            lines.append("-" * 40)
+        lines.append(f"{_ljust(name, 10)} {scores['precision']:>9.4f} {scores['recall']:>9.4f} {scores['f1']:>9.4f}")
+    lines.append(f"samples {report['n']} | JSON valid {report['json_valid_rate']:.4f} | "
+                 f"exact match {report['exact_match']:.4f} | grounded {report['grounded_rate']:.4f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Baseline: an OpenAI-compatible chat model (OpenAI itself, or a local vLLM / llama.cpp / Ollama server) on the same
+extraction task, with the same system prompt and instruction as the fine-tuned model.
+
+The key is read from the environment only (OPENAI_API_KEY; a local server that ignores keys still needs some value)
+and is never printed or written anywhere. --base_url defaults to OPENAI_BASE_URL, else OpenAI's own endpoint.
+
+Batch: one request per record of data_helper's test.json (or of lines holding just {"input": dialogue}), a few at a
+time, each retried with exponential backoff on HTTP 429 / 5xx, timeouts and connection errors. Every answer is
+appended to --output_file as `{"id", "output", "model", "finish_reason"}` as soon as it arrives, so a rerun with the
+same file only asks for what is missing, including requests that failed; any failure makes the exit status 1.
+
+    export OPENAI_API_KEY=...
+    python test_openai.py --model gpt-4o-mini --input_file data/test.json --output_file predictions_openai.jsonl
+    python evaluate.py --gold data/test.json --pred predictions_openai.jsonl
+
+Interactive, as the chapter does it: paste a dialogue, end it with an empty line, read the answer (pretty-printed
+when it holds JSON); quit, exit, Ctrl-D or Ctrl-C leave.
+
+    python test_openai.py --model gpt-4o-mini
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import openai
+from tqdm import tqdm
+
+from predict import Example, interactive, read_examples, show_answer
+from utils import INSTRUCTION, SYSTEM_PROMPT, append_jsonl, load_done_ids
+
+API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    endpoint = parser.add_argument_group("endpoint")
+    endpoint.add_argument("--model", type=str, default="gpt-4o-mini",
+                          help="model name on the endpoint (the chapter's gpt-3.5-turbo-1106 is retired)")
+    endpoint.add_argument("--base_url", type=str, default=os.environ.get("OPENAI_BASE_URL"),
+                          help="API root of any OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
+                               "(default: $OPENAI_BASE_URL, else OpenAI's endpoint)")
+    endpoint.add_argument("--timeout", type=float, default=60.0, help="seconds allowed for one request")
+    endpoint.add_argument("--max_retries", type=int, default=5,
+                          help="retries of one request after HTTP 408/409/429/5xx, a timeout or a connection error")
+    endpoint.add_argument("--retry_base_delay", type=float, default=1.0,
+                          help="seconds before the first retry, doubled for each further one, with jitter; at least "
+                               "the server's Retry-After, at most 60 s")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: near-deterministic)")
+    gen.add_argument("--max_tokens", type=int, default=1024, help="most tokens in one answer")
+    gen.add_argument("--json_mode", action="store_true",
+                     help='ask for response_format {"type": "json_object"} (not every compatible server has it)')
+
+    batch = parser.add_argument_group("batch mode")
+    batch.add_argument("--input_file", type=str, default=None,
+                       help="JSON Lines with {instruction, input[, output]} (data_helper's test.json) or just {input}; "
+                            "without it the script is interactive")
+    batch.add_argument("--output_file", type=str, default="predictions_openai.jsonl",
+                       help="answers, one JSON line per record; ids already in it are skipped (resume)")
+    batch.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    args = parser.parse_args(argv)
+
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+    if args.max_retries < 0:
+        parser.error(f"--max_retries must be 0 or more, got {args.max_retries}")
+    if args.retry_base_delay < 0:
+        parser.error(f"--retry_base_delay must be 0 or more, got {args.retry_base_delay}")
+    if args.max_tokens < 1:
+        parser.error(f"--max_tokens must be at least 1, got {args.max_tokens}")
+    if args.input_file is not None and not os.path.isfile(args.input_file):
+        parser.error(f"--input_file {args.input_file}: no such file")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    client = build_client(args.base_url, args.timeout)
+    settings = Settings(model=args.model, temperature=args.temperature, max_tokens=args.max_tokens,
+                        json_mode=args.json_mode, max_retries=args.max_retries,
+                        retry_base_delay=args.retry_base_delay)
+    if args.input_file is None:
+        return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, settings), show)
+    try:
+        examples = read_examples(args.input_file)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        failures = predict_file(client, examples, args.output_file, settings, args.concurrency,
+                                source=args.input_file)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the answers so far are in {args.output_file}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 130
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One request
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    json_mode: bool = False
+    max_retries: int = 5
+    retry_base_delay: float = 1.0
+    max_retry_delay: float = 60.0
+
+
+class RequestFailed(Exception):
+    """A request that got no usable answer, retries included; the message says why (never the key)."""
+
+
+RETRY_STATUS = (408, 409, 429)  # and every 5xx
+
+
+def build_client(base_url: str | None, timeout: float) -> openai.OpenAI:
+    """A client whose own retries are off (`ask` retries, visibly and boundedly). Fails before any request when
+    the key is missing; the key is handed over as is and never shown."""
+    api_key = os.environ.get(API_KEY_ENV, "")
+    if not api_key.strip():
+        raise SystemExit(f"error: the environment variable {API_KEY_ENV} is not set; export your API key there "
+                         f"(a local server that ignores keys still needs some value, e.g. {API_KEY_ENV}=none)")
+    return openai.OpenAI(api_key=api_key, base_url=base_url or None, timeout=timeout, max_retries=0)
+
+
+def build_messages(user_text: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
+
+
+def ask(client: openai.OpenAI, user_text: str, settings: Settings, sleep: Callable[[float], object] = time.sleep,
+        stop: threading.Event | None = None) -> tuple[str, str | None]:
+    """(answer text, finish_reason) for one user message. At most `settings.max_retries + 1` attempts; raises
+    RequestFailed when the last one fails, when the server refuses for good (other 4xx), when the body is not
+    a chat completion, or when `stop` is set before the next attempt."""
+    extra = {"response_format": {"type": "json_object"}} if settings.json_mode else {}
+    error: Exception | None = None
+    for attempt in range(settings.max_retries + 1):
+        if attempt:
+            sleep(backoff_delay(attempt - 1, settings, retry_after(error)))
+        if stop is not None and stop.is_set():
+            raise RequestFailed("cancelled")
+        try:
+            response = client.chat.completions.create(
+                model=settings.model, messages=build_messages(user_text), temperature=settings.temperature,
+                max_tokens=settings.max_tokens, **extra)
+        except openai.APIStatusError as e:
+            if e.status_code not in RETRY_STATUS and e.status_code < 500:
+                raise RequestFailed(f"HTTP {e.status_code}: {e.message}") from None
+            error = e
+        except openai.APIConnectionError as e:  # includes timeouts
+            error = e
+        except (openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestFailed(f"malformed response body (not a chat completion): {e}") from None
+        except openai.OpenAIError as e:  # anything else the client rejects: this id fails, the run goes on
+            raise RequestFailed(f"{type(e).__name__}: {e}") from None
+        else:
+            return answer_of(response)
+    raise RequestFailed(f"gave up after {settings.max_retries + 1} attempts; last error: {describe(error)}")
+
+
+def answer_of(response) -> tuple[str, str | None]:
+    """The first choice's text, checked: a body without choices or content is a failure, not a crash."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise RequestFailed("malformed response body: no 'choices'")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if not isinstance(content, str):
+        raise RequestFailed("malformed response body: choice 0 has no message content")
+    finish_reason = getattr(choices[0], "finish_reason", None)
+    return content, finish_reason if isinstance(finish_reason, str) else None
+
+
+def backoff_delay(retry: int, settings: Settings, server_hint: float | None = None) -> float:
+    """Seconds before retry number `retry` (0-based): base·2^retry with jitter (so parallel workers do not retry in
+    step), at least the server's Retry-After, never more than max_retry_delay."""
+    delay = settings.retry_base_delay * 2 ** retry * random.uniform(0.5, 1.0)
+    if server_hint is not None:
+        delay = max(delay, server_hint)
+    return min(delay, settings.max_retry_delay)
+
+
+def retry_after(error: Exception | None) -> float | None:
+    """The Retry-After header of an HTTP error, in seconds, when it is a plain number."""
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return max(float(value), 0.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def describe(error: Exception | None) -> str:
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code}: {error.message}"
+    return f"{type(error).__name__}: {error}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch mode
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file: str, settings: Settings,
+                 concurrency: int = 4, source: str = "input") -> list[tuple[int, str]]:
+    """Ask for every example whose id is not yet in `output_file`, `concurrency` at a time, appending each answer as
+    it arrives. Returns the (id, error) of the requests that failed; they are left out of the file."""
+    done = load_done_ids(output_file)
+    todo = [e for e in examples if e.id not in done]
+    print(f"{source}: {len(examples)} records, {len(examples) - len(todo)} already in {output_file}, "
+          f"{len(todo)} to request from {settings.model}", flush=True)
+    failures: list[tuple[int, str]] = []
+    if not todo:
+        return failures
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    start = time.perf_counter()
+    stop = threading.Event()  # set on the way out, so that after Ctrl-C no worker starts another attempt
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        futures = {pool.submit(ask, client, e.user_text, settings, stop.wait, stop): e.id for e in todo}
+        with tqdm(total=len(todo), desc=settings.model, unit="request") as bar:
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    content, finish_reason = future.result()
+                except RequestFailed as e:
+                    failures.append((i, str(e)))
+                    bar.write(f"id {i}: failed: {e}", file=sys.stderr)
+                else:
+                    append_jsonl(output_file, [{"id": i, "output": content, "model": settings.model,
+                                                "finish_reason": finish_reason}])
+                bar.update(1)
+    finally:  # after Ctrl-C: drop what has not started; what was written stays, and a rerun resumes
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(todo) - len(failures)} answers to {output_file} | {len(failures)} failed | {seconds:.1f} s",
+          flush=True)
+    if failures:
+        print(f"{len(failures)} requests failed (rerun the same command to retry them): "
+              + ", ".join(str(i) for i, _ in sorted(failures)), file=sys.stderr, flush=True)
+    return failures
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Interactive mode
+# --------------------------------------------------------------------------------------------------------------
+
+
+def answer_or_none(client: openai.OpenAI, user_text: str, settings: Settings) -> str | None:
+    """The answer, or None after printing why the request failed (the loop goes on)."""
+    try:
+        return ask(client, user_text, settings)[0]
+    except RequestFailed as e:
+        print(f"request failed: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def show(text: str | None) -> None:
+    if text is not None:
+        show_answer(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

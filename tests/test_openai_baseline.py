@@ -1,0 +1,346 @@
+"""test_openai.py against a real OpenAI-compatible HTTP server on 127.0.0.1, through the real `openai` client.
+
+The server answers POST /v1/chat/completions. What it does for a request depends on a marker word in the dialogue
+(FAIL500ONCE, RATE429ONCE, SLOWONCE, ALWAYS503, MALFORMED, NOCHOICES, NOCONTENT, REFUSE400) and on how many times
+that dialogue was asked before; every other dialogue gets a JSON answer naming its marker.
+"""
+import json
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+
+import test_openai as baseline
+from utils import INSTRUCTION, SYSTEM_PROMPT
+
+SECRET = "sk-test-do-not-leak-8f3a91c2"
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # a client that timed out has hung up, so writing its late answer fails, as it should; anything else is loud
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class FakeServer:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bodies: list[dict] = []
+        self.auth: list[str] = []
+        self.seen: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+        self.delay = 0.0  # seconds every answer waits (to observe concurrency)
+        self.healthy = False  # True: every marker gets a normal answer
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, b'{"error": {"message": "no such route"}}')
+                body = json.loads(raw)
+                with server.lock:
+                    server.bodies.append(body)
+                    server.auth.append(self.headers.get("Authorization", ""))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    dialogue = body["messages"][-1]["content"]
+                    marker = (re.findall(r"[A-Z0-9]{4,}", dialogue) or ["PLAIN"])[-1]
+                    attempt = server.seen.get(marker, 0)
+                    server.seen[marker] = attempt + 1
+                try:
+                    time.sleep(server.delay)
+                    self.respond(body, marker, attempt)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def respond(self, body, marker, attempt):
+                if not server.healthy:
+                    if marker == "FAIL500ONCE" and attempt == 0:
+                        return self.reply(500, b'{"error": {"message": "internal hiccup"}}')
+                    if marker == "RATE429ONCE" and attempt == 0:
+                        return self.reply(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0"})
+                    if marker == "SLOWONCE" and attempt == 0:
+                        time.sleep(1.5)  # longer than the client's --timeout
+                    if marker == "ALWAYS503":
+                        return self.reply(503, b'{"error": {"message": "overloaded"}}')
+                    if marker == "REFUSE400":
+                        return self.reply(400, b'{"error": {"message": "bad request"}}')
+                    if marker == "MALFORMED":
+                        return self.reply(200, b'{"choices": [{"message": ')
+                    if marker == "NOCHOICES":
+                        return self.reply(200, b'{"id": "cmpl-1", "object": "chat.completion"}')
+                    if marker == "NOCONTENT":
+                        return self.reply(200, completion(body["model"], None))
+                content = "```json\n" + json.dumps({"药品名称": [marker], "诊断结果": "感冒"}, ensure_ascii=False) + "\n```"
+                return self.reply(200, completion(body["model"], content))
+
+            def reply(self, status, payload, headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+
+    def count(self, marker: str) -> int:
+        return self.seen.get(marker, 0)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def completion(model: str, content) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }, ensure_ascii=False).encode()
+
+
+@pytest.fixture
+def server():
+    srv = FakeServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    return SECRET
+
+
+def dialogue(marker: str) -> str:
+    return f"医生: 哪里不舒服？\n患者: 头疼 {marker}\n"
+
+
+def write_input(path, markers, bare=()):
+    """data_helper records, or bare {"input"} lines for the markers in `bare`."""
+    with open(path, "w", encoding="utf-8") as f:
+        for marker in markers:
+            record = ({"input": dialogue(marker)} if marker in bare else
+                      {"instruction": "请抽取要素：\n", "input": dialogue(marker), "output": "```json\n{}\n```"})
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_output(path) -> dict[int, dict]:
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: r for r in records}
+
+
+def run(server, tmp_path, *extra):
+    return baseline.main(["--base_url", server.base_url, "--input_file", str(tmp_path / "in.jsonl"),
+                          "--output_file", str(tmp_path / "out.jsonl"), "--retry_base_delay", "0.001",
+                          "--timeout", "5", *extra])
+
+
+def assert_no_leak(tmp_path, captured):
+    assert SECRET not in captured.out and SECRET not in captured.err
+    for path in tmp_path.iterdir():
+        assert SECRET not in path.read_text(encoding="utf-8")
+
+
+def test_normal_batch(server, api_key, tmp_path, capfd):
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC"], bare=("CCCC",))
+    assert run(server, tmp_path, "--model", "test-model") == 0
+    out = read_output(tmp_path / "out.jsonl")
+    assert sorted(out) == [0, 1, 2]
+    for i, marker in enumerate(["AAAA", "BBBB", "CCCC"]):
+        assert out[i]["model"] == "test-model" and out[i]["finish_reason"] == "stop"
+        assert json.loads(out[i]["output"].strip("`\njson")) == {"药品名称": [marker], "诊断结果": "感冒"}
+    # the messages: system prompt, then the record's instruction (or the chapter's) followed by the dialogue
+    by_marker = {b["messages"][1]["content"].split()[-1]: b for b in server.bodies}
+    assert by_marker["AAAA"]["messages"] == [{"role": "system", "content": SYSTEM_PROMPT},
+                                             {"role": "user", "content": "请抽取要素：\n" + dialogue("AAAA")}]
+    assert by_marker["CCCC"]["messages"][1]["content"] == INSTRUCTION + dialogue("CCCC")
+    body = by_marker["BBBB"]
+    assert body["model"] == "test-model" and body["temperature"] == 0.0 and body["max_tokens"] == 1024
+    assert "response_format" not in body
+    # the key came from the environment and went only into the Authorization header
+    assert server.auth == [f"Bearer {SECRET}"] * 3
+    assert all(SECRET not in json.dumps(b) for b in server.bodies)
+    assert_no_leak(tmp_path, capfd.readouterr())
+
+
+def test_json_mode_flag(server, api_key, tmp_path):
+    write_input(tmp_path / "in.jsonl", ["AAAA"])
+    assert run(server, tmp_path, "--json_mode", "--max_tokens", "64", "--temperature", "0.3") == 0
+    body = server.bodies[0]
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["max_tokens"] == 64 and body["temperature"] == 0.3
+
+
+def test_retries_on_500_429_and_timeout(server, api_key, tmp_path, capfd):
+    write_input(tmp_path / "in.jsonl", ["FAIL500ONCE", "RATE429ONCE", "SLOWONCE", "AAAA"])
+    assert run(server, tmp_path, "--timeout", "0.5") == 0
+    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1, 2, 3]
+    assert server.count("FAIL500ONCE") == 2 and server.count("RATE429ONCE") == 2 and server.count("SLOWONCE") == 2
+    assert server.count("AAAA") == 1
+    assert_no_leak(tmp_path, capfd.readouterr())
+
+
+def test_failures_are_reported_left_out_and_retried_on_rerun(server, api_key, tmp_path, capfd):
+    markers = ["AAAA", "ALWAYS503", "MALFORMED", "NOCHOICES", "NOCONTENT", "REFUSE400", "BBBB"]
+    write_input(tmp_path / "in.jsonl", markers)
+    assert run(server, tmp_path, "--max_retries", "2", "--concurrency", "3") == 1
+    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 6]
+    # bounded retries for a server error; no retry for a refusal or a body that is not a chat completion
+    assert server.count("ALWAYS503") == 3
+    assert server.count("REFUSE400") == server.count("MALFORMED") == server.count("NOCHOICES") == 1
+    captured = capfd.readouterr()
+    assert "id 1: failed: gave up after 3 attempts; last error: HTTP 503" in captured.err
+    assert "id 2: failed: malformed response body" in captured.err
+    assert "id 3: failed: malformed response body: no 'choices'" in captured.err
+    assert "id 4: failed: malformed response body: choice 0 has no message content" in captured.err
+    assert "id 5: failed: HTTP 400" in captured.err
+    assert "5 requests failed" in captured.err and "1, 2, 3, 4, 5" in captured.err
+    assert_no_leak(tmp_path, captured)
+
+    # the server recovers: a rerun asks only for the failed ids
+    server.healthy = True
+    before = len(server.bodies)
+    assert run(server, tmp_path) == 0
+    assert len(server.bodies) - before == 5
+    assert server.count("AAAA") == 1 and server.count("BBBB") == 1
+    assert sorted(read_output(tmp_path / "out.jsonl")) == list(range(7))
+
+
+def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC", "DDDD"])
+    with open(tmp_path / "out.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"id": 0, "output": "{}", "model": "m"}) + "\n")
+        f.write(json.dumps({"id": 2, "output": "{}", "model": "m"}) + "\n")
+        f.write('{"id": 3, "output": "{\\"药品')  # torn line from a killed run: dropped and asked again
+    assert run(server, tmp_path) == 0
+    assert server.seen == {"BBBB": 1, "DDDD": 1}
+    out = read_output(tmp_path / "out.jsonl")
+    assert sorted(out) == [0, 1, 2, 3] and out[0]["output"] == "{}"
+    assert "4 records, 2 already in" in capfd.readouterr().out
+    # nothing left: no request at all
+    assert run(server, tmp_path) == 0
+    assert len(server.bodies) == 2
+
+
+def test_concurrency_is_bounded(server, api_key, tmp_path):
+    server.delay = 0.1
+    write_input(tmp_path / "in.jsonl", [f"M{i:03d}" for i in range(8)])
+    assert run(server, tmp_path, "--concurrency", "2") == 0
+    assert len(read_output(tmp_path / "out.jsonl")) == 8
+    assert 1 <= server.max_in_flight <= 2
+
+
+def test_missing_api_key_fails_before_any_request(server, monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    write_input(tmp_path / "in.jsonl", ["AAAA"])
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set"):
+        run(server, tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "  ")
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set"):
+        run(server, tmp_path)
+    assert server.bodies == []
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_connection_errors_are_retried_a_bounded_number_of_times(api_key):
+    srv = FakeServer()
+    url = srv.base_url
+    srv.close()  # nothing listens there any more
+    client = baseline.build_client(url, timeout=2.0)
+    sleeps = []
+    settings = baseline.Settings(model="m", max_retries=3, retry_base_delay=0.01)
+    with pytest.raises(baseline.RequestFailed, match="gave up after 4 attempts; last error: APIConnectionError"):
+        baseline.ask(client, "hello", settings, sleep=sleeps.append)
+    assert len(sleeps) == 3
+    for retry, delay in enumerate(sleeps):
+        assert 0.01 * 2 ** retry * 0.5 <= delay <= 0.01 * 2 ** retry
+
+
+def test_backoff_is_capped_and_honours_retry_after():
+    settings = baseline.Settings(model="m", retry_base_delay=1.0, max_retry_delay=10.0)
+    assert 4.0 <= baseline.backoff_delay(3, settings) <= 8.0
+    assert baseline.backoff_delay(20, settings) == 10.0
+    assert baseline.backoff_delay(0, settings, server_hint=5.0) == 5.0
+    assert baseline.backoff_delay(0, settings, server_hint=500.0) == 10.0
+
+
+def test_interactive_mode(server, api_key, monkeypatch, capsys):
+    lines = iter(["医生: 哪里不舒服？", "患者: 头疼 ZZZZ", "", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert baseline.main(["--base_url", server.base_url, "--retry_base_delay", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert json.dumps(["ZZZZ"], ensure_ascii=False, indent=2).replace("\n", "\n  ") in out  # pretty-printed
+    assert server.bodies[0]["messages"][1]["content"] == INSTRUCTION + dialogue("ZZZZ")
+    assert SECRET not in out
+
+
+def test_interactive_failure_keeps_the_loop_going(server, api_key, monkeypatch, capsys):
+    lines = iter(["患者: REFUSE400", "", "患者: 头疼 YYYY", "", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert baseline.main(["--base_url", server.base_url, "--retry_base_delay", "0.001"]) == 0
+    captured = capsys.readouterr()
+    assert "request failed: HTTP 400" in captured.err
+    assert '"YYYY"' in captured.out
+
+
+def test_flags_are_validated(api_key, tmp_path):
+    for argv in (["--concurrency", "0"], ["--timeout", "0"], ["--max_retries", "-1"], ["--max_tokens", "0"],
+                 ["--input_file", str(tmp_path / "missing.jsonl")]):
+        with pytest.raises(SystemExit):
+            baseline.parse_args(argv)
+    args = baseline.parse_args([])
+    assert (args.model, args.concurrency, args.timeout, args.max_retries, args.temperature, args.max_tokens,
+            args.output_file) == ("gpt-4o-mini", 4, 60.0, 5, 0.0, 1024, "predictions_openai.jsonl")
+    assert isinstance(openai.OpenAI, type)
+
+
+def test_stop_event_prevents_further_attempts(server, api_key):
+    client = baseline.build_client(server.base_url, timeout=2.0)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(baseline.RequestFailed, match="cancelled"):
+        baseline.ask(client, "hello", baseline.Settings(model="m"), stop=stop)
+    assert server.bodies == []
+
+
+def test_ctrl_c_keeps_what_was_written(server, api_key, tmp_path, monkeypatch, capsys):
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC"])
+    real_append = baseline.append_jsonl
+    calls = []
+
+    def append_then_interrupt(path, records):
+        calls.append(records)
+        real_append(path, records)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(baseline, "append_jsonl", append_then_interrupt)
+    assert run(server, tmp_path, "--concurrency", "1") == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert len(read_output(tmp_path / "out.jsonl")) == 1
+    monkeypatch.setattr(baseline, "append_jsonl", real_append)
+    assert run(server, tmp_path) == 0
+    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1, 2]
