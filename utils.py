@@ -18,8 +18,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from qwen1_8.qwen_generation_utils import chatml_block, text_ids
-
 # --------------------------------------------------------------------------------------------------------------
 # Prompts and fields
 # --------------------------------------------------------------------------------------------------------------
@@ -185,6 +183,9 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     (unshifted: the model shifts). A user block longer than `max_src_len` keeps its head and re-appends
     `<|im_end|>` (the chapter's rule); an answer that does not fit is cut so the whole is exactly `max_len` long.
     """
+    # imported here so that scripts which only read and score outputs (evaluate.py) do not load transformers
+    from qwen1_8.qwen_generation_utils import chatml_block, text_ids
+
     nl = text_ids(tokenizer, "\n")
     system_ids = chatml_block(tokenizer, "system", system)
     prompt_ids = chatml_block(tokenizer, "user", user_text)

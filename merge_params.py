@@ -1,0 +1,159 @@
+"""Merge a LoRA adapter trained by train.py into the full-precision base model and save a standalone checkpoint
+(safetensors shards, config.json, generation_config.json, tokenizer files) that loads with our qwen1_8 classes.
+
+    python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora/epoch-3-step-906 \
+        --save_model_dir output_dir_qlora/epoch-3-step-906-merge
+
+W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype (its config's dtype by default), never to a
+4-bit copy. An adapter trained against an NF4 base therefore meets slightly different base weights here: the usual
+QLoRA caveat. Before anything is written the merged model's logits are compared with base + adapter on a probe
+prompt, and the merge fails if they differ by more than the dtype allows. Output goes to a temporary directory that
+is renamed at the end, so an interrupted merge leaves nothing half-written, and a non-empty --save_model_dir is only
+replaced with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from utils import build_chatml_ids, resolve_device
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
+# fp32 only reorders sums; 16-bit formats also round W + BA once.
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+PROBE = "患者：孩子咳嗽三天了，有点发烧。\n医生：可以吃点布洛芬，多喝水。"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--ori_model_dir", default="Qwen-1_8-chat",
+                       help="the base checkpoint the adapter was trained on")
+    paths.add_argument("--model_dir", default="output_dir_qlora/epoch-3-step-906",
+                       help="a train.py checkpoint: adapter_config.json + adapter_model.safetensors (+ tokenizer)")
+    paths.add_argument("--save_model_dir", default="output_dir_qlora/epoch-3-step-906-merge",
+                       help="where the merged checkpoint goes")
+    paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model_dir")
+    run = parser.add_argument_group("precision and output")
+    run.add_argument("--device", default="auto",
+                     help="auto (cuda if visible, else cpu), cpu, cuda, cuda:N, or the chapter's GPU index / -1")
+    run.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                     help="merge and save dtype; auto = the base config.json's torch_dtype (float32 if absent)")
+    run.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"merge_params.py: error: {message}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    validate(args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+    dtype = resolve_dtype(args.dtype, args.ori_model_dir)
+    print(f"merging {args.model_dir} into {args.ori_model_dir} in {str(dtype).removeprefix('torch.')} on {device}")
+
+    from peft import PeftModel
+
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+
+    tokenizer = load_tokenizer(args.model_dir, args.ori_model_dir)
+    base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
+    model = PeftModel.from_pretrained(base, args.model_dir).eval()
+    probe = probe_input(tokenizer, device)
+    with torch.no_grad():
+        expected = model(input_ids=probe, use_cache=False).logits.float()
+        merged = model.merge_and_unload()
+        got = merged(input_ids=probe, use_cache=False).logits.float()
+    diff = (got - expected).abs().max().item()
+    allowed = RELATIVE_TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
+    print(f"max |merged - (base + adapter)| logit difference: {diff:.3e} (allowed {allowed:.3e})")
+    if not diff <= allowed:
+        fail(f"the merged model's logits differ from base + adapter by {diff:.3e} > {allowed:.3e}; nothing written")
+
+    # The precision flags in config.json describe the saved weights (the chapter persisted bf16=true over fp16).
+    merged.config.bf16, merged.config.fp16, merged.config.fp32 = (dtype == torch.bfloat16, dtype == torch.float16,
+                                                                  dtype == torch.float32)
+    save(merged, tokenizer, args, {"ori_model_dir": args.ori_model_dir, "model_dir": args.model_dir,
+                                   "dtype": str(dtype).removeprefix("torch."), "max_abs_logit_diff": diff})
+    print(f"saved the merged model to {args.save_model_dir}")
+
+
+def validate(args: argparse.Namespace) -> None:
+    if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
+        fail(f"--ori_model_dir {args.ori_model_dir}: no config.json (not a model directory)")
+    if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
+        fail(f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
+    if not any(os.path.isfile(os.path.join(args.model_dir, f))
+               for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        fail(f"--model_dir {args.model_dir}: no adapter_model.safetensors")
+    save = os.path.abspath(args.save_model_dir)
+    if save in (os.path.abspath(args.ori_model_dir), os.path.abspath(args.model_dir)):
+        fail(f"--save_model_dir {args.save_model_dir} must differ from the input directories")
+    if os.path.exists(save) and not os.path.isdir(save):
+        fail(f"--save_model_dir {args.save_model_dir} is a file")
+    if os.path.isdir(save) and os.listdir(save) and not args.overwrite:
+        fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
+
+
+def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:
+    if choice != "auto":
+        return DTYPES[choice]
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if name not in DTYPES:
+        fail(f"{model_dir}/config.json: unsupported dtype {name!r}; pass --dtype")
+    return DTYPES[name]
+
+
+def load_tokenizer(model_dir: str, ori_model_dir: str):
+    """The checkpoint's own tokenizer files (train.py saves them), else the base's."""
+    from qwen1_8.tokenization_qwen import QWenTokenizer
+
+    source = model_dir if os.path.isfile(os.path.join(model_dir, "qwen.tiktoken")) else ori_model_dir
+    tokenizer = QWenTokenizer.from_pretrained(source)
+    tokenizer.pad_token_id = tokenizer.eod_id
+    return tokenizer
+
+
+def probe_input(tokenizer, device: torch.device) -> torch.Tensor:
+    """A short generation prompt in the training layout, so the probe runs through every adapted layer."""
+    ids = build_chatml_ids(tokenizer, PROBE, None, max_len=512, max_src_len=256).input_ids
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
+    target = os.path.abspath(args.save_model_dir)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
+    try:
+        model.save_pretrained(tmp, max_shard_size=args.max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name in ("generation_config.json", "qwen.tiktoken"):  # in case the base had no generation config loaded
+            if not os.path.exists(os.path.join(tmp, name)) and os.path.exists(os.path.join(args.ori_model_dir, name)):
+                shutil.copyfile(os.path.join(args.ori_model_dir, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, ensure_ascii=False, indent=2)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target):
+            shutil.rmtree(target)  # validate() allowed this: it is empty, or --overwrite was given
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+if __name__ == "__main__":
+    main()

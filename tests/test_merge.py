@@ -1,0 +1,82 @@
+"""merge_params.py on the tiny random Qwen: the merged checkpoint (sharded safetensors) loads with our classes and
+gives the same logits as base + adapter, and a non-empty output directory is never overwritten by accident."""
+import json
+import os
+
+import pytest
+import torch
+
+import merge_params
+import train
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_ckpt, tmp_path_factory):
+    """A train.py-style checkpoint with a random, non-zero adapter (B = 0 at init would make merging trivial)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+    from qwen1_8.tokenization_qwen import QWenTokenizer
+
+    out = str(tmp_path_factory.mktemp("adapter"))
+    base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=train.lora_target_names(base), lora_dropout=0.0,
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(base, config).save_pretrained(out, safe_serialization=True)
+    QWenTokenizer.from_pretrained(tiny_ckpt).save_pretrained(out)
+    return out
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_ckpt, adapter_dir, tmp_path):
+    from peft import PeftModel
+
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+    from qwen1_8.tokenization_qwen import QWenTokenizer
+
+    merged_dir = str(tmp_path / "merged")
+    merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", adapter_dir, "--save_model_dir", merged_dir,
+                       "--device", "cpu", "--max_shard_size", "30MB"])
+    files = set(os.listdir(merged_dir))
+    assert {"config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json",
+            "model.safetensors.index.json"} <= files
+    assert sum(f.endswith(".safetensors") for f in files) >= 2  # sharded at 30MB
+    assert not any(f.startswith("adapter_") for f in files)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    with open(os.path.join(merged_dir, "merge_info.json"), encoding="utf-8") as f:
+        assert json.load(f)["dtype"] == "float32"  # the base's config dtype
+
+    tokenizer = QWenTokenizer.from_pretrained(merged_dir)
+    text = "患者：头痛两天。医生：建议查血常规。"
+    ids = torch.tensor([tokenizer.encode(text, allowed_special=set())])
+    merged = QWenLMHeadModel.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    base_logits = logits(base, ids)
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
+    expected = logits(with_adapter, ids)
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes the model
+    torch.testing.assert_close(logits(merged, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_merge_refuses_to_overwrite(tiny_ckpt, adapter_dir, tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    argv = ["--ori_model_dir", tiny_ckpt, "--model_dir", adapter_dir, "--save_model_dir", str(target),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
+        merge_params.main(argv)
+    assert os.listdir(target) == ["keep.txt"]
+    merge_params.main(argv + ["--overwrite"])
+    assert "keep.txt" not in os.listdir(target) and "config.json" in os.listdir(target)
+
+
+def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="no adapter_config.json"):
+        merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", tiny_ckpt,
+                           "--save_model_dir", str(tmp_path / "m")])

@@ -1,0 +1,294 @@
+"""train.py on CPU with the tiny random Qwen: a one-process run and a two-rank ZeRO-2 run over gloo (both 4-bit NF4),
+exact resume after an interruption, the step and learning-rate plan, the DeepSpeed config, the LoRA targets and
+parameter count at the real 1.8B shape, and the bad-input errors.
+
+The runs are subprocesses, exactly as a user starts them (`python train.py ...`, `deepspeed --num_gpus 2 train.py ...`).
+The samples use a short instruction so sequences are ~110 tokens and each run takes seconds.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from utils import format_output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) \| step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr (\d\.\d\de[-+]\d\d) \| "
+                       r"(\d+\.\d\d) s/step$", re.M)
+DRUGS = ["阿莫西林", "布洛芬", "奥司他韦", "蒙脱石散", "氨溴索"]
+
+
+def write_samples(path: str, n: int) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            drug, days = DRUGS[i % len(DRUGS)], i % 5 + 1
+            extract = {"药品名称": [drug], "药物类别": [], "医疗检查": [], "医疗操作": [],
+                       "现病史": f"咳嗽{days}天，发热", "辅助检查": "", "诊断结果": "", "医疗建议": "多喝水"}
+            dialogue = f"患者：孩子咳嗽{days}天了，有点发烧。\n医生：可以吃点{drug}，多喝水。"
+            sample = {"instruction": "抽取医疗要素：\n", "input": dialogue, "output": format_output(extract)}
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    write_samples(str(d / "train.json"), 12)
+    write_samples(str(d / "test.json"), 2)
+    return str(d)
+
+
+def flags(ckpt: str, data: str, out: str, *switches: str, **overrides) -> list[str]:
+    values = {"train_path": f"{data}/train.json", "test_path": f"{data}/test.json", "model_name_or_path": ckpt,
+              "per_device_train_batch_size": 2, "max_len": 160, "max_src_len": 64, "learning_rate": 2e-2,
+              "num_train_epochs": 2, "gradient_accumulation_steps": 4, "warmup_ratio": 0.2, "show_loss_step": 1,
+              "lora_dim": 8, "lora_alpha": 16, "save_model_step": 1, "output_dir": out,
+              "ds_file": os.path.join(ROOT, "ds_zero2_no_offload.json")}
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()] + [f"--{s}" for s in switches]
+
+
+def run(cmd: list[str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapter(checkpoint: str) -> dict:
+    return load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# 12 samples, batch 2, one rank: 6 micro-batches per epoch in windows of 4 and 2 -> 2 optimizer steps per epoch.
+# Saving every step, the epoch-end saves coincide with step saves and must not be repeated.
+SINGLE_CHECKPOINTS = ["epoch-1-step-1", "epoch-1-step-2", "epoch-2-step-3", "epoch-2-step-4"]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_ckpt, data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single") / "out")
+    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, out)])
+    return out, log
+
+
+def test_single_process_run_writes_checkpoints_logs_and_plots(single_run):
+    out, log = single_run
+    # every step, with no second save at the epoch ends (steps 2 and 4)
+    assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == SINGLE_CHECKPOINTS
+    for name in SINGLE_CHECKPOINTS:
+        ckpt = os.path.join(out, name)
+        for f in ("adapter_model.safetensors", "adapter_config.json", "qwen.tiktoken", "tokenizer_config.json",
+                  "train_args.json", "trainer_state.json", "rng_state_rank0.json"):
+            assert os.path.isfile(os.path.join(ckpt, f)), f"{name}/{f}"
+        assert os.listdir(os.path.join(ckpt, "deepspeed", "state"))
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp")]
+    assert [f for f in os.listdir(os.path.join(out, "tensorboard")) if f.startswith("events.out.tfevents")]
+    for png in ("train_loss.png", "test_ppl.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    info = read_json(os.path.join(out, "train_args.json"))
+    assert info["world_size"] == 1 and info["precision"] == "fp32" and info["quantization"] == "nf4"
+    assert info["total_optimizer_steps"] == 4 and info["micro_batches_per_epoch"] == 6
+    assert "auto" not in json.dumps(info["ds_config"])
+    assert info["ds_config"]["optimizer"]["params"]["weight_decay"] == 0.1
+    assert info["ds_config"]["bf16"]["enabled"] is False
+    assert re.search(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+$", log, re.M)
+
+    state = read_json(os.path.join(out, "epoch-2-step-4", "trainer_state.json"))
+    best = read_json(os.path.join(out, "best_checkpoint.json"))
+    best_ppl = min(ppl for _, ppl in state["history"]["eval"])
+    assert best["ppl"] == best_ppl and os.path.isdir(best["path"])
+    assert f"best checkpoint: {best['path']}" in log
+
+
+def test_log_lines_schedule_and_falling_loss(single_run):
+    out, log = single_run
+    lines = STEP_LINE.findall(log)
+    assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # one line per step (show_loss_step 1)
+    assert {m[3] for m in lines} == {"4"}
+    # Linear warmup from 0 over max(2, int(0.2 * 4)) = 2 steps, then linear decay to 0: step k uses t = k - 1.
+    peak, total, warmup = 2e-2, 4, 2
+    expected = [peak * t / warmup if t < warmup else peak * (total - t) / (total - warmup) for t in range(total)]
+    assert [float(m[5]) for m in lines] == pytest.approx(expected, rel=1e-2, abs=1e-12)
+    losses = [float(m[4]) for m in lines]
+    assert losses[-1] < losses[0] - 0.05
+    state = read_json(os.path.join(out, "epoch-2-step-4", "trainer_state.json"))
+    ppls = [ppl for _, ppl in state["history"]["eval"]]
+    assert [s for s, _ in state["history"]["eval"]] == [1, 2, 3, 4]
+    assert ppls[-1] < ppls[0]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data_dir, tmp_path):
+    """4-bit NF4, one process: resumed mid-epoch, "killed" after an unsaved step, resumed again at an epoch end;
+    the final adapter is bit-identical to the uninterrupted run's."""
+    out, _ = single_run
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    # From step 1 (micro-batch 4 of 6), saving every 2 steps, stopping after step 3: step 3 is lost.
+    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, first, save_model_step=2, stop_after_steps=3,
+                                                  resume_from_checkpoint=os.path.join(out, "epoch-1-step-1"))])
+    assert "(weights_only load)" in log and "stopped after step 3" in log  # no pickle code runs on resume
+    assert sorted(d for d in os.listdir(first) if d.startswith("epoch-")) == ["epoch-1-step-2"]
+    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, second, save_model_step=2,
+                                                  resume_from_checkpoint=os.path.join(first, "epoch-1-step-2"))])
+    assert [int(m[2]) for m in STEP_LINE.findall(log)] == [3, 4]
+
+    final_a, final_b = os.path.join(out, "epoch-2-step-4"), os.path.join(second, "epoch-2-step-4")
+    a, b = adapter(final_a), adapter(final_b)
+    assert a.keys() == b.keys() and len(a) == 2 * 5 * 2  # lora_A/B x 5 linears x 2 layers
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state_a = read_json(os.path.join(final_a, "trainer_state.json"))
+    state_b = read_json(os.path.join(final_b, "trainer_state.json"))
+    for key in ("epoch", "micro_in_epoch", "global_step"):
+        assert state_a[key] == state_b[key], key
+    assert state_a["history"]["train"] == state_b["history"]["train"]  # the same losses and lrs, step by step
+    ppl_a = dict(state_a["history"]["eval"])
+    assert all(ppl_a[step] == ppl for step, ppl in state_b["history"]["eval"])  # evaluated every 2 steps here
+
+
+def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher] if os.path.exists(launcher) else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    # 6 samples per rank, batch 2 -> 3 micro-batches per epoch in windows of 2 and 1 -> 2 steps per epoch
+    log = run([*cmd, "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
+               *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", save_model_step=0,
+                      gradient_accumulation_steps=2)])
+    lines = STEP_LINE.findall(log)
+    assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # printed by rank 0 only
+    assert float(lines[-1][4]) < float(lines[0][4]) - 0.05
+    assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == ["epoch-1-step-2", "epoch-2-step-4"]
+    info = read_json(os.path.join(out, "train_args.json"))
+    assert info["world_size"] == 2 and info["ds_config"]["train_batch_size"] == 2 * 2 * 2
+    assert info["ds_config"]["zero_optimization"]["stage"] == 2
+    state_dir = os.path.join(out, "epoch-2-step-4", "deepspeed", "state")
+    assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # optimizer state partitioned
+    assert os.path.isfile(os.path.join(out, "epoch-2-step-4", "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "train_loss.png")) and os.path.isfile(os.path.join(out, "test_ppl.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process: no training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_on_every_linear_but_lm_head_at_the_1_8b_shape():
+    from qwen1_8.configuration_qwen import QWenConfig
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+
+    config = QWenConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                        kv_channels=128, intermediate_size=11008)
+    with torch.device("meta"):  # shapes only: nothing of the 1.8B is allocated
+        model = QWenLMHeadModel(config)
+    assert train.lora_target_names(model) == ["c_attn", "c_proj", "w1", "w2"]
+    peft_model = train.add_lora(model, lora_dim=16, lora_alpha=64, lora_dropout=0.1)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert trainable == 13_418_496
+    assert total == 1_836_828_672 + 13_418_496
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_ckpt):
+    import bitsandbytes as bnb
+
+    args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--quantization", quantization, "--lora_dim", "8"])
+    model = train.build_model(args, "fp32", torch.device("cpu"))
+    c_attn = model.base_model.model.transformer.h[0].attn.c_attn.base_layer
+    assert isinstance(c_attn, bnb.nn.Linear4bit) == (quantization == "nf4")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    # per layer: c_attn 8*(64+192) + attn.c_proj 8*(64+64) + w1, w2 2*8*(64+128) + mlp.c_proj 8*(128+64); 2 layers
+    assert model.get_nb_trainable_parameters()[0] == 2 * 8 * (256 + 128 + 2 * 192 + 192)
+
+
+def test_step_plan_counts_partial_windows():
+    plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (303, 909, 27)  # the chapter's log
+    assert plan.window_len(0) == 4 and plan.window_len(1207) == 4 and plan.window_len(1208) == 1
+    assert sum(1 / plan.window_len(i) for i in range(1209)) == pytest.approx(plan.steps_per_epoch)
+
+
+def ds_args(**overrides):
+    args = train.parse_args([])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_ds_config_is_filled_from_the_flags():
+    template = train.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
+    assert "offload_param" not in template["zero_optimization"]
+    assert "offload_optimizer" not in template["zero_optimization"]
+    args = ds_args(weight_decay=0.05, adam_beta2=0.999, learning_rate=3e-4)
+    plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
+    cfg = train.build_ds_config(template, args, world_size=2, precision="bf16", plan=plan)
+    assert "auto" not in json.dumps(cfg)
+    assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["train_batch_size"] == 2 * 4 * 2
+    assert cfg["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05,
+                                          "torch_adam": True}
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 909
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 27
+    assert cfg["scheduler"]["params"]["warmup_type"] == "linear"
+    assert cfg["bf16"]["enabled"] is True and cfg["gradient_clipping"] == 1.0
+
+
+def test_ds_config_never_overrides_a_flag_silently():
+    template = train.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
+    plan = train.StepPlan(micro_batches_per_epoch=10, gas=4, epochs=1, warmup_ratio=0.1)
+    template["optimizer"]["params"]["weight_decay"] = 0.1
+    with pytest.raises(SystemExit, match="weight_decay is 0.1 but the command line gives 0.0"):
+        train.build_ds_config(template, ds_args(weight_decay=0.0), 1, "fp32", plan)
+    template["optimizer"]["params"]["weight_decay"] = "auto"
+    template["scheduler"]["params"]["warmup_type"] = "cosine"  # the chapter's invalid value
+    with pytest.raises(SystemExit, match="warmup_type"):
+        train.build_ds_config(template, ds_args(), 1, "fp32", plan)
+
+
+@pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json"])
+def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
+    argv = flags(tiny_ckpt, data_dir, str(tmp_path / "out"))
+    if case == "missing_model_dir":
+        argv += [f"--model_name_or_path={tmp_path / 'no_such_model'}"]
+        expected = "no_such_model: no such directory"
+    elif case == "bad_data_line":
+        bad = tmp_path / "train.json"
+        shutil.copyfile(os.path.join(data_dir, "train.json"), bad)
+        with open(bad, "a", encoding="utf-8") as f:
+            f.write('{"instruction": "x", "input": \n')
+        argv += [f"--train_path={bad}"]
+        expected = f"{bad}:13"  # the appended 13th line
+    elif case == "max_src_len":
+        argv += ["--max_len=128", "--max_src_len=128"]
+        expected = "--max_src_len (128) must be smaller than --max_len (128)"
+    else:
+        bad = tmp_path / "ds.json"
+        bad.write_text('{"train_batch_size": "auto",\n "zero_optimization": {"stage": 2,}}\n')
+        argv += [f"--ds_file={bad}"]
+        expected = f"{bad}:2:"
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(argv)
+    message = str(excinfo.value.code)
+    assert message.startswith("train.py: error:") and expected in message
+    assert not os.path.exists(tmp_path / "out")
