@@ -1,0 +1,209 @@
+"""Extraction throughput: the chapter's way (one dialogue at a time, plain generate) against predict.py's batched
+path (length-sorted left-padded batches, shared-prefix prefill, KV cache written in place, SDPA).
+
+Every variant runs the same model on the same prompts and generates exactly --new_tokens tokens per dialogue
+(min_new_tokens = max_new_tokens: random weights never emit <|im_end|>), greedy. The default, 64, is below the
+~150 tokens of a real answer, to keep the chapter's way under 10 minutes on 2 CPU cores; since reading the prompt
+costs nearly the same in every variant, a shorter count understates what batching gains on the real task. Variants are interleaved round by
+round over the length-sorted samples, so a busy shared machine slows them alike. The last line printed is one JSON
+object with the figures, the machine and "speedup" (best batched samples/s over the chapter's samples/s).
+
+    python data_helper.py                   # writes data/test.json
+    python bench/bench_predict.py           # CPU: a random 10-layer, 512-wide model with the full vocabulary
+    python bench/bench_predict.py --model_path output_dir_qlora/epoch-3-step-906-merge/ --device cuda --new_tokens 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import predict  # noqa: E402
+from utils import resolve_device, set_random_seed  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_path", type=str, default=None,
+                       help="a checkpoint directory; by default a random model of the shape below is built (once) "
+                            "under --cache_dir")
+    model.add_argument("--cache_dir", type=str, default=os.path.join(ROOT, "bench"),
+                       help="where the random model is kept (as tiny_qwen_*/, which git ignores)")
+    model.add_argument("--hidden_size", type=int, default=512, help="random model width")
+    model.add_argument("--num_hidden_layers", type=int, default=10, help="random model depth")
+    model.add_argument("--num_attention_heads", type=int, default=8, help="random model heads")
+    model.add_argument("--intermediate_size", type=int, default=2816, help="random model MLP size (twice its width)")
+    model.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    model.add_argument("--dtype", type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="auto = bf16 on a bf16 GPU, fp16 on other GPUs, fp32 on the CPU")
+    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+    work = parser.add_argument_group("workload")
+    work.add_argument("--input_file", type=str, default=os.path.join(ROOT, "data", "test.json"),
+                      help="test split (data_helper.py's JSON Lines)")
+    work.add_argument("--num_samples", type=int, default=50, help="dialogues taken from the top of --input_file")
+    work.add_argument("--new_tokens", type=int, default=64,
+                      help="tokens generated per dialogue, in every variant (real answers are about 150)")
+    work.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 8, 16], help="batch sizes of the batched path")
+    work.add_argument("--repetition_penalty", type=float, default=1.1, help="as predict.py's default")
+    work.add_argument("--max_len", type=int, default=2048, help="prompt truncation, as in training")
+    work.add_argument("--max_src_len", type=int, default=1560, help="prompt truncation, as in training")
+    work.add_argument("--seed", type=int, default=0, help="seed of the random model")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.input_file):
+        raise SystemExit(f"--input_file {args.input_file}: not found. Run `python data_helper.py` first (it splits "
+                         f"data/all.json into data/train.json and data/test.json), or pass --input_file.")
+    if args.num_samples < 1 or args.new_tokens < 1 or min(args.batch_sizes) < 1:
+        raise SystemExit("--num_samples, --new_tokens and --batch_sizes must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_random_seed(args.seed)
+    device = resolve_device(args.device)
+    model_path = args.model_path or random_model(args)
+    model, tokenizer = predict.load_model(model_path, device, predict.resolve_dtype(args.dtype, device))
+
+    examples = predict.read_examples(args.input_file)[:args.num_samples]
+    prompts = {e.id: predict.prompt_ids(tokenizer, e.user_text, args.max_len, args.max_src_len) for e in examples}
+    config = predict.build_generation_config(tokenizer, args.new_tokens, repetition_penalty=args.repetition_penalty,
+                                             min_new_tokens=args.new_tokens)
+    warm_up(model, tokenizer, list(prompts.values()), config)
+
+    # Rounds of lcm(batch sizes) samples, in predict.py's length order, so each round's batches are exactly the
+    # batches predict.py would form over the whole file.
+    order = [i for batch in predict.length_sorted_batches(prompts, len(prompts)) for i in batch]
+    round_size = math.lcm(*args.batch_sizes)
+    names = ["chapter (batch 1)"] + [f"ours (batch {b})" for b in args.batch_sizes]
+    seconds: dict[str, float] = defaultdict(float)
+    outputs: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)
+    for start in range(0, len(order), round_size):
+        ids = order[start:start + round_size]
+        t0 = time.perf_counter()
+        for i in ids:
+            outputs[names[0]][i] = chapter_generate(model, tokenizer, prompts[i], config)
+        seconds[names[0]] += time.perf_counter() - t0
+        for name, batch_size in zip(names[1:], args.batch_sizes):
+            t0 = time.perf_counter()
+            for records in predict.predict_batches(model, tokenizer, {i: prompts[i] for i in ids}, batch_size,
+                                                   config):
+                for r in records:
+                    outputs[name][r["id"]] = (r["output"], r["num_new_tokens"])
+            seconds[name] += time.perf_counter() - t0
+        print(f"round {start // round_size + 1}: {len(ids)} samples | "
+              + " | ".join(f"{n} {seconds[n]:.1f} s" for n in names), flush=True)
+
+    n = len(prompts)
+    variants = []
+    for name in names:
+        new_tokens = sum(count for _, count in outputs[name].values())
+        same = sum(outputs[name][i] == outputs[names[0]][i] for i in prompts)
+        variants.append({"name": name, "seconds": round(seconds[name], 2),
+                         "samples_per_s": round(n / seconds[name], 3),
+                         "new_tokens_per_s": round(new_tokens / seconds[name], 1),
+                         "same_output_as_chapter": f"{same}/{n}"})
+        print(f"{name:>18}: {seconds[name]:7.1f} s | {n / seconds[name]:6.3f} samples/s | "
+              f"{new_tokens / seconds[name]:7.1f} new tokens/s | same output as the chapter's way {same}/{n}")
+    best = max(variants[1:], key=lambda v: v["samples_per_s"])
+    speedup = best["samples_per_s"] / variants[0]["samples_per_s"]
+    print(f"speedup: {speedup:.2f}x ({best['name']} against the chapter's way)")
+    lengths = [len(p) for p in prompts.values()]
+    result = {
+        "benchmark": "bench_predict",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(device),
+        "model": model_info(model, model_path),
+        "settings": {"input_file": os.path.relpath(args.input_file, ROOT), "num_samples": n,
+                     "new_tokens": args.new_tokens, "greedy": True, "repetition_penalty": args.repetition_penalty,
+                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / n, 1), "max": max(lengths)},
+                     "round_size": round_size},
+        "variants": variants,
+        "best": best["name"],
+        "speedup": round(speedup, 2),
+    }
+    print(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+def random_model(args: argparse.Namespace) -> str:
+    """Build (once) a random-weight checkpoint of the requested shape under --cache_dir, with the full vocabulary."""
+    from qwen1_8.make_tiny import make_tiny
+
+    name = (f"tiny_qwen_h{args.hidden_size}_l{args.num_hidden_layers}_a{args.num_attention_heads}"
+            f"_i{args.intermediate_size}_s{args.seed}")
+    path = os.path.join(args.cache_dir, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        print(f"building a random model in {path}", flush=True)
+        make_tiny(path, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                  num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
+                  seed=args.seed)
+    return path
+
+
+@torch.inference_mode()
+def chapter_generate(model, tokenizer, ids: list[int], config) -> tuple[str, int]:
+    """The chapter's predict.py: one prompt, no padding, a plain generate() with transformers' own cache."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    new = out[0, len(ids):].tolist()
+    stops = set(predict.stop_token_ids(tokenizer))
+    n_new = next((k + 1 for k, token in enumerate(new) if token in stops), len(new))
+    return tokenizer.decode(new[:n_new], skip_special_tokens=True), n_new
+
+
+def warm_up(model, tokenizer, prompts: list[list[int]], config) -> None:
+    """First calls pay for allocator growth and kernel selection; keep that out of every variant's time."""
+    short = predict.build_generation_config(tokenizer, 2, min_new_tokens=2)
+    chapter_generate(model, tokenizer, prompts[0][:64], short)
+    predict.generate_from_ids(model, tokenizer, [p[:64] for p in prompts[:2]], short)
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = cpu_name()
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def model_info(model, model_path: str) -> dict:
+    c = model.config
+    return {"path": os.path.relpath(model_path, ROOT) if os.path.abspath(model_path).startswith(ROOT) else model_path,
+            "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+if __name__ == "__main__":
+    main()

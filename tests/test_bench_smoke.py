@@ -1,0 +1,54 @@
+"""The two benchmarks start and end with one valid JSON line, on a very tiny model and tiny counts."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "64",
+        "--device", "cpu"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_json_line(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_bench_predict_smoke(tmp_path, capsys):
+    data = tmp_path / "test.json"
+    dialogues = ["医生: 你好\n患者: 咳嗽两天。\n", "医生: 哪里不舒服？\n患者: 头痛，有点发烧。\n医生: 量过体温吗？\n",
+                 "医生: 您好\n"]
+    with open(data, "w", encoding="utf-8") as f:
+        for d in dialogues:
+            f.write(json.dumps({"input": d}, ensure_ascii=False) + "\n")
+    bench = load_script("bench_predict")
+    bench.main(TINY + ["--cache_dir", str(tmp_path), "--input_file", str(data), "--num_samples", "3",
+                       "--new_tokens", "2", "--batch_sizes", "2"])
+    result = last_json_line(capsys.readouterr().out)
+    assert [v["name"] for v in result["variants"]] == ["chapter (batch 1)", "ours (batch 2)"]
+    assert result["settings"]["num_samples"] == 3 and result["speedup"] > 0
+    assert all(v["same_output_as_chapter"] == "3/3" for v in result["variants"])
+    assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_count"] >= 1
+
+
+def test_bench_predict_needs_the_test_split(tmp_path):
+    bench = load_script("bench_predict")
+    with pytest.raises(SystemExit, match="data_helper.py"):
+        bench.parse_args(["--input_file", str(tmp_path / "missing.json")])
+
+
+def test_bench_train_smoke(tmp_path, capsys):
+    bench = load_script("bench_train")
+    bench.main(TINY + ["--cache_dir", str(tmp_path), "--seq_len", "24", "--label_len", "8",
+                       "--gradient_accumulation_steps", "2", "--warmup_steps", "0", "--steps", "1"])
+    result = last_json_line(capsys.readouterr().out)
+    assert result["settings"]["quantization"] == "nf4" and result["settings"]["gradient_checkpointing"]
+    assert result["model"]["trainable_params"] > 0
+    assert result["seconds_per_optimizer_step"] > 0 and result["tokens_per_s"] > 0 and result["peak_memory_gb"] > 0

@@ -1,0 +1,262 @@
+"""predict.py on a tiny random checkpoint: the prompt is the training prefix, a left-padded batch generates what
+each prompt generates alone, resume skips finished ids, bare {"input"} lines work, and the terminal session runs."""
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import predict
+from utils import INSTRUCTION, build_chatml_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DIALOGUES = [
+    "医生: 你好，孩子哪里不舒服？\n患者: 咳嗽三天了，晚上咳得厉害，有痰。\n医生: 发烧吗？\n患者: 不发烧。\n",
+    "医生: 您好\n",
+    "医生: 宝宝拉肚子几天了？\n患者: 两天，一天五六次，稀水样。\n医生: 吃过什么药？\n患者: 吃了蒙脱石散和益生菌。\n"
+    "医生: 建议查个大便常规，注意补液，防止脱水。\n",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt, tokenizer):
+    loaded, _ = predict.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    return loaded
+
+
+class Recorder:
+    """Wraps model.generate to keep the tensors it was given and returned."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = []
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.calls.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone(), out.clone()))
+            return out
+
+        monkeypatch.setattr(model, "generate", generate)
+
+
+def new_tokens(call, row):
+    input_ids, _, out = call
+    return out[row, input_ids.shape[1]:].tolist()
+
+
+def test_prompt_is_the_training_prefix(model, tokenizer, monkeypatch):
+    rec = Recorder(model, monkeypatch)
+    config = predict.build_generation_config(tokenizer, max_new_tokens=2)
+    texts = [INSTRUCTION + d for d in DIALOGUES]
+    predict.generate_batch(model, tokenizer, texts, config, max_len=2048, max_src_len=1560)
+    input_ids, mask, _ = rec.calls[0]
+    for row, text in enumerate(texts):
+        expected = build_chatml_ids(tokenizer, text, None, 2048, 1560).input_ids
+        assert input_ids[row][mask[row].bool()].tolist() == expected
+        assert expected[-3:] == [tokenizer.im_start_id, 77091, 198]  # <|im_start|>assistant\n
+        assert (input_ids[row][~mask[row].bool()] == tokenizer.eod_id).all()  # left pads are <|endoftext|>
+        assert mask[row].tolist() == sorted(mask[row].tolist())  # pads only on the left
+
+
+def test_prompt_is_truncated_like_training(tokenizer):
+    long_text = INSTRUCTION + "患者: 咳嗽。\n" * 400
+    ids = predict.prompt_ids(tokenizer, long_text, max_len=2048, max_src_len=300)
+    assert ids == build_chatml_ids(tokenizer, long_text, None, 2048, 300).input_ids
+    assert len(ids) == 11 + 300 + 1 + 3  # system block + "\n" + cut user block + "\n" + <|im_start|>assistant\n
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model, tokenizer, monkeypatch):
+    # min = max so random weights cannot stop early and every position is compared; the default repetition penalty
+    # stays on, because it must ignore the left pads too.
+    config = predict.build_generation_config(tokenizer, max_new_tokens=12, min_new_tokens=12)
+    prompts = [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
+    assert len({len(p) for p in prompts}) == 3
+    # The reference: each prompt alone through a plain generate() (no padding, no shared prefix, transformers' cache).
+    alone = [model.generate(input_ids=torch.tensor([p]), generation_config=config)[0, len(p):].tolist()
+             for p in prompts]
+    rec = Recorder(model, monkeypatch)
+    batch = predict.generate_from_ids(model, tokenizer, prompts, config)
+    for row, reference in enumerate(alone):
+        assert new_tokens(rec.calls[0], row) == reference
+        assert batch[row] == (tokenizer.decode(reference, skip_special_tokens=True), 12)
+    # One prompt through the same batched path gives the same tokens too.
+    assert predict.generate_from_ids(model, tokenizer, [prompts[1]], config)[0] == batch[1]
+
+
+def test_prefill_cache_equals_a_plain_forward(model, tokenizer):
+    prompts = [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
+    assert predict.common_prefix_len(prompts) > 180  # system block + instruction are shared
+    width = max(map(len, prompts))
+    cache = predict.prefill_cache(model, prompts, capacity=width + 3)
+    assert cache.get_seq_length() == width - 1
+    with torch.inference_mode():
+        for row, ids in enumerate(prompts):
+            out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+            start = width - len(ids)
+            for layer, reference in zip(cache.layers, out.past_key_values.layers):
+                torch.testing.assert_close(layer.keys[row, :, start:], reference.keys[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(layer.values[row, :, start:], reference.values[0], rtol=1e-4, atol=1e-5)
+                assert not layer.keys[row, :, :start].any()  # pad columns stay zero
+
+
+def test_common_prefix_len():
+    assert predict.common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert predict.common_prefix_len([[1, 2, 3]]) == 2  # the last token is always left to generate()
+    assert predict.common_prefix_len([[7, 1], [8, 1]]) == 0
+
+
+def test_answer_ends_at_the_first_stop_token_which_is_counted(model, tokenizer, monkeypatch):
+    config = predict.build_generation_config(tokenizer, max_new_tokens=5)
+    t = tokenizer.encode("好", allowed_special=set())[0]
+
+    def fake_generate(input_ids, attention_mask, generation_config, **kwargs):
+        assert generation_config.eos_token_id == [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+        new = [[t, t, tokenizer.im_end_id, tokenizer.eod_id, tokenizer.eod_id],  # finished rows are padded
+               [t, t, t, t, t]]  # ran out of tokens
+        return torch.cat([input_ids, torch.tensor(new)], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    out = predict.generate_from_ids(model, tokenizer, [[1, 2, 3], [4, 5]], config)
+    assert out == [("好好", 3), ("好好好好好", 5)]
+
+
+def test_generation_config_is_fresh_and_greedy(model, tokenizer):
+    before = model.generation_config.to_dict()
+    config = predict.build_generation_config(tokenizer, max_new_tokens=3)
+    assert config.do_sample is False and config.max_new_tokens == 3
+    predict.generate_batch(model, tokenizer, [INSTRUCTION + DIALOGUES[1]], config)
+    assert model.generation_config.to_dict() == before
+    sampled = predict.build_generation_config(tokenizer, 3, do_sample=True, top_p=0.5, temperature=0.7)
+    assert (sampled.do_sample, sampled.top_p, sampled.temperature) == (True, 0.5, 0.7)
+
+
+def write_lines(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_read_examples_accepts_bare_input_lines(tmp_path):
+    path = tmp_path / "in.json"
+    write_lines(path, [{"input": DIALOGUES[0]},
+                       {"instruction": "抽取：\n", "input": DIALOGUES[1], "output": "```json\n{}\n```"}])
+    examples = predict.read_examples(str(path))
+    assert [(e.id, e.user_text) for e in examples] == [(0, INSTRUCTION + DIALOGUES[0]), (1, "抽取：\n" + DIALOGUES[1])]
+    write_lines(path, [{"input": DIALOGUES[0]}, {"dialogue": "x"}])
+    with pytest.raises(ValueError, match=r"in\.json:2: field 'input'"):
+        predict.read_examples(str(path))
+
+
+def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkeypatch):
+    inputs = tmp_path / "test.json"
+    records = [{"instruction": INSTRUCTION, "input": d, "output": "```json\n{}\n```"} for d in DIALOGUES]
+    records += [{"input": DIALOGUES[0] + "患者: 谢谢医生。\n"}, {"input": DIALOGUES[2]}]
+    write_lines(inputs, records)
+    out = tmp_path / "pred.jsonl"
+    previous = [{"id": 1, "output": "old one", "num_new_tokens": 3}, {"id": 3, "output": "old three", "num_new_tokens": 2}]
+    write_lines(out, previous)
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"id": 4, "outp')  # a torn line from a killed run: id 4 is not done
+
+    generated = []
+    real = predict.generate_from_ids
+
+    def counting(model, tokenizer, prompts, config):
+        generated.extend(prompts)
+        return real(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr(predict, "generate_from_ids", counting)
+    argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
+            "--batch_size", "2", "--max_tgt_len", "4"]
+    assert predict.main(argv) == 0
+    assert len(generated) == 3
+    lines = read_lines(out)
+    assert sorted(r["id"] for r in lines) == [0, 1, 2, 3, 4]
+    assert lines[:2] == previous
+    for r in lines[2:]:
+        assert set(r) == {"id", "output", "num_new_tokens"} and 1 <= r["num_new_tokens"] <= 4
+    generated.clear()
+    assert predict.main(argv) == 0  # everything done: nothing is generated, nothing appended
+    assert generated == [] and len(read_lines(out)) == 5
+
+
+def test_length_sorted_batches():
+    prompts = {0: [1] * 5, 1: [1] * 9, 2: [1] * 2, 3: [1] * 7, 4: [1] * 9}
+    assert predict.length_sorted_batches(prompts, 2) == [[1, 4], [3, 0], [2]]
+
+
+def test_read_dialogue_joins_lines_and_recognises_exits():
+    def reader(lines):
+        it = iter(lines)
+
+        def read(prompt):
+            try:
+                return next(it)
+            except StopIteration:
+                raise EOFError from None
+        return read
+
+    assert predict.read_dialogue(reader(["", "医生: 你好", "患者: 咳嗽", ""])) == "医生: 你好\n患者: 咳嗽\n"
+    assert predict.read_dialogue(reader(["医生: 你好"])) == "医生: 你好\n"  # Ctrl-D ends the last dialogue
+    assert predict.read_dialogue(reader([])) is None
+    assert predict.read_dialogue(reader(["quit"])) is None
+    assert predict.read_dialogue(reader([" EXIT "])) is None
+
+
+def test_interactive_leaves_cleanly_on_ctrl_c(capsys):
+    def interrupt(prompt=""):
+        raise KeyboardInterrupt
+
+    assert predict.interactive(lambda dialogue: "never called", read_line=interrupt) == 0
+    assert "Bye." in capsys.readouterr().out
+
+
+def read_until(fd, marker, timeout=120.0):
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{marker!r} not seen; output so far:\n{seen.decode(errors='replace')}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"{marker!r} not seen before EOF:\n{seen.decode(errors='replace')}")
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_interactive_session_in_a_terminal(tiny_ckpt):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--model_path", tiny_ckpt,
+                             "--device", "cpu", "--max_tgt_len", "4"],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    try:
+        read_until(master, "> ")
+        os.write(master, "\n".join(["医生: 你好，哪里不舒服？", "患者: 头痛两天了。", "医生: 量过血压吗？", "", ""]).encode())
+        read_until(master, "Extracting")
+        answer = read_until(master, "> ")  # the next prompt comes after the answer
+        assert ("not valid JSON" in answer) or ("{" in answer)
+        os.write(master, b"quit\n")
+        read_until(master, "Bye.")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
