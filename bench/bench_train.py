@@ -55,6 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--quantization", choices=("nf4", "none"), default="nf4", help="as train.py")
     model.add_argument("--no_gradient_checkpointing", action="store_true",
                        help="turn off activation checkpointing (the chapter uses it)")
+    model.add_argument("--full_logits", action="store_true",
+                       help="compute the (B, T, vocab) logits as the chapter did, instead of the labelled rows only")
     model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
     lora = parser.add_argument_group("LoRA (train.py's flags and defaults)")
@@ -114,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         step_tokens = 0
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
-            loss = model(**batch, use_cache=False, skip_logits=True).loss
+            loss = model(**batch, use_cache=False, skip_logits=not args.full_logits).loss
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
             step_tokens += batch["input_ids"].numel()
