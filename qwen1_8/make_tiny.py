@@ -30,13 +30,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--num_attention_heads", type=int, default=4, help="heads; head dim = hidden_size / heads")
     shape.add_argument("--intermediate_size", type=int, default=256, help="twice the MLP width, as in Qwen")
     shape.add_argument("--vocab_size", type=int, default=151936, help="embedding rows (>= 151851 for the tokenizer)")
+    shape.add_argument("--initializer_range", type=float, default=0.02,
+                       help="std of the random weights (Qwen's 0.02; larger lets a tiny LoRA memorise)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype on disk")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser.parse_args(argv)
 
 
 def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4,
-              intermediate_size: int = 256, vocab_size: int = 151936, dtype: str = "float32", seed: int = 0) -> str:
+              intermediate_size: int = 256, vocab_size: int = 151936, dtype: str = "float32", seed: int = 0,
+              initializer_range: float = 0.02) -> str:
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise FileExistsError(f"{output_dir} exists and is not empty")
     if hidden_size % num_attention_heads:
@@ -44,7 +47,7 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
     config = QWenConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                         num_attention_heads=num_attention_heads, kv_channels=hidden_size // num_attention_heads,
                         intermediate_size=intermediate_size, vocab_size=vocab_size,
-                        architectures=["QWenLMHeadModel"], tokenizer_class="QWenTokenizer")
+                        initializer_range=initializer_range, architectures=["QWenLMHeadModel"], tokenizer_class="QWenTokenizer")
     torch.manual_seed(seed)
     model = QWenLMHeadModel(config).to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]
@@ -72,7 +75,7 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
 def main(argv=None) -> None:
     args = parse_args(argv)
     path = make_tiny(args.output_dir, args.hidden_size, args.num_hidden_layers, args.num_attention_heads,
-                     args.intermediate_size, args.vocab_size, args.dtype, args.seed)
+                     args.intermediate_size, args.vocab_size, args.dtype, args.seed, args.initializer_range)
     print(f"wrote a random-weight Qwen checkpoint to {path}: {sorted(os.listdir(path))}")
 
 
