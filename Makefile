@@ -16,12 +16,13 @@ DEMO_TRAIN_SAMPLES := 64
 DEMO_NEW_TOKENS := 48
 DEMO_LR := 2e-3
 
-.PHONY: help venv test demo bench clean clean-demo distclean
+.PHONY: help venv test demo bench bench-gpu clean clean-demo distclean
 
 help:
 	@echo "make demo       run the chapter end to end on the CPU with a tiny random model ($(DEMO)/)"
 	@echo "make test       run the test suite"
 	@echo "make bench      run the CPU benchmarks (bench/)"
+	@echo "make bench-gpu  run the GPU benchmarks at the real 1.8B shape (bench/run_gpu.sh)"
 	@echo "make clean      remove caches; clean-demo removes $(DEMO)/; distclean also removes .venv"
 
 venv: $(STAMP)
@@ -92,11 +93,14 @@ $(DEMO)/report.json: $(PRED)
 	@echo "==> evaluation (precision / recall / F1 per field)"
 	$(VPY) evaluate.py --gold data/test.json --pred $(PRED) --report $@
 
-bench: $(STAMP)
+bench: $(STAMP) data/train.json data/test.json
 	@echo "==> extraction throughput: the chapter's one-at-a-time way against batched generation"
 	$(VPY) bench/bench_predict.py
 	@echo "==> QLoRA training step time and memory"
 	$(VPY) bench/bench_train.py
+
+bench-gpu: $(STAMP) data/train.json data/test.json
+	PYTHON=$(VPY) bash bench/run_gpu.sh
 
 clean:
 	@echo "==> removing caches"

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(args.model_dir, args.ori_model_dir)
     base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
-    model = PeftModel.from_pretrained(base, args.model_dir).eval()
+    # torch_device: peft would otherwise read the adapter onto cuda:0 whatever --device says
+    model = PeftModel.from_pretrained(base, args.model_dir, torch_device=str(device)).eval()
     probe = probe_input(tokenizer, device)
     with torch.no_grad():
         expected = model(input_ids=probe, use_cache=False).logits.float()
@@ -94,9 +95,9 @@ def validate(args: argparse.Namespace) -> None:
         fail(f"--ori_model_dir {args.ori_model_dir}: no config.json (not a model directory)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
         fail(f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
-    if not any(os.path.isfile(os.path.join(args.model_dir, f))
-               for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        fail(f"--model_dir {args.model_dir}: no adapter_model.safetensors")
+    if not os.path.isfile(os.path.join(args.model_dir, "adapter_model.safetensors")):
+        fail(f"--model_dir {args.model_dir}: no adapter_model.safetensors (adapters are loaded from safetensors only, "
+             f"never from pickled .bin files)")
     save = os.path.abspath(args.save_model_dir)
     if save in (os.path.abspath(args.ori_model_dir), os.path.abspath(args.model_dir)):
         fail(f"--save_model_dir {args.save_model_dir} must differ from the input directories")

@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, iter_jsonl, load_done_ids, parse_output,
-                   resolve_device, set_random_seed)
+                   native_bf16, resolve_device, set_random_seed)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/epoch-3-step-906-merge/"
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32  # CPU half-precision matmuls are slow or missing on most CPUs
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -48,7 +49,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from utils import (IGNORE_INDEX, DataCollator, QwenPromptDataSet, atomic_write_text, print_rank_0,
-                   set_random_seed)
+                   native_bf16, set_random_seed)
 
 CHECKPOINT_PREFIX = "epoch-"
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--show_loss_step", type=int, default=10, help="log the training loss every N optimizer steps")
     run.add_argument("--save_model_step", type=int, default=100,
                      help="evaluate and checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends")
+    run.add_argument("--save_total_limit", type=int, default=0,
+                     help="keep only the N newest checkpoints, plus the best one; 0 = keep all (each 1.8B "
+                          "checkpoint holds ~160 MB of optimizer state)")
     run.add_argument("--resume_from_checkpoint", default="",
                      help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly")
     run.add_argument("--stop_after_steps", type=int, default=0,
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set, test_set = build_datasets(args, tokenizer, rank=int(os.environ.get("RANK", "0")))
 
     rank, world_size, device = init_distributed()
+    check_output_dir_shared(args.output_dir, rank, world_size, device)
     precision = resolve_precision(args.precision, device)
     set_random_seed(args.seed)  # the same LoRA init on every rank
     train_loader, train_sampler, test_loader = build_dataloaders(args, train_set, test_set, tokenizer, rank,
@@ -464,8 +469,11 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> N
             window_start_time, window_start_step = time.perf_counter(), state.global_step
             state.history["train"].append([state.global_step, mean_loss, lr])
             if ctx.rank == 0:
+                # on a GPU also the peak memory so far, the chapter log's MaxMemAllocated
+                peak = (f" | peak {torch.cuda.max_memory_allocated(ctx.device) / 1e9:.2f} GB"
+                        if ctx.device.type == "cuda" else "")
                 log_rank_0(f"epoch {state.epoch}/{plan.epochs} | step {state.global_step}/{plan.total_steps} | "
-                           f"loss {mean_loss:.4f} | lr {lr:.2e} | {sec_per_step:.2f} s/step")
+                           f"loss {mean_loss:.4f} | lr {lr:.2e} | {sec_per_step:.2f} s/step{peak}")
                 ctx.writer.add_scalar("train_loss", mean_loss, state.global_step)
                 ctx.writer.add_scalar("lr", lr, state.global_step)
         if args.save_model_step and state.global_step % args.save_model_step == 0:
@@ -514,6 +522,8 @@ def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
     if ctx.rank == 0:
         if state.best is not None and state.best["step"] == state.global_step:
             atomic_write_text(os.path.join(ctx.args.output_dir, "best_checkpoint.json"), to_json(state.best))
+        if ctx.args.save_total_limit:
+            prune_checkpoints(ctx.args.output_dir, ctx.args.save_total_limit, state.best)
         ctx.writer.flush()
 
 
@@ -566,6 +576,27 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
         os.replace(tmp, final)
         log_rank_0(f"saved {final}", ctx.rank)
     dist.barrier()
+
+
+CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
+
+
+def prune_checkpoints(output_dir: str, keep: int, best: dict | None) -> list[str]:
+    """Delete all but the `keep` newest epoch-E-step-G checkpoints of output_dir, never the best one; returns the
+    names deleted. Called on rank 0 after a checkpoint is complete, so the newest one is always whole."""
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[name] = int(match.group(2))
+    newest = sorted(steps, key=steps.get, reverse=True)[:keep]
+    protected = set(newest) | ({os.path.basename(best["path"])} if best else set())
+    deleted = sorted((name for name in steps if name not in protected), key=steps.get)
+    for name in deleted:
+        shutil.rmtree(os.path.join(output_dir, name))
+    if deleted:
+        log_rank_0(f"removed {len(deleted)} older checkpoint(s) (--save_total_limit {keep}): {', '.join(deleted)}")
+    return deleted
 
 
 def resume(engine, checkpoint: str, plan: StepPlan, world_size: int, rank: int) -> TrainState:
@@ -627,7 +658,8 @@ def get_rng_state() -> dict:
     return {"python": [version, list(mt_state), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            # this rank's GPU only: get_rng_state_all() would open a CUDA context on every visible GPU from every rank
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(saved: dict) -> None:
@@ -637,7 +669,7 @@ def set_rng_state(saved: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
     if saved["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in saved["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8))  # the current device's stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -652,7 +684,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "gradient_accumulation_steps", "num_train_epochs", "show_loss_step", "lora_dim"):
         if getattr(args, flag) < 1:
             fail(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("save_model_step", "stop_after_steps", "weight_decay"):
+    for flag in ("save_model_step", "stop_after_steps", "weight_decay", "save_total_limit"):
         if getattr(args, flag) < 0:
             fail(f"--{flag} must not be negative (got {getattr(args, flag)})")
     if args.learning_rate <= 0:
@@ -722,6 +754,28 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def check_output_dir_shared(output_dir: str, rank: int, world_size: int, device: torch.device) -> None:
+    """Every rank writes its part of each checkpoint into output_dir and rank 0 renames the whole, so on several
+    machines output_dir must be one shared directory; a file rank 0 writes there must be visible to all ranks."""
+    if world_size == 1:
+        return
+    marker = [os.path.join(output_dir, f".shared-check-{os.getpid()}-{time.time_ns()}")]
+    dist.broadcast_object_list(marker, src=0)
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        atomic_write_text(marker[0], "")
+    dist.barrier()
+    seen = torch.tensor([1.0 if os.path.exists(marker[0]) else 0.0], device=device)
+    dist.all_reduce(seen)
+    dist.barrier()
+    if rank == 0:
+        os.remove(marker[0])
+    if seen.item() < world_size:
+        raise SystemExit(f"train.py: error: --output_dir {output_dir}: {world_size - int(seen.item())} of "
+                         f"{world_size} ranks cannot see files that rank 0 writes there; with several machines it "
+                         f"must be on a filesystem they all share (NFS, Lustre, ...)")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -730,7 +784,7 @@ def free_port() -> int:
 
 def resolve_precision(choice: str, device: torch.device) -> str:
     """bf16 only where the hardware does it natively; fp32 elsewhere (CPU, pre-Ampere GPUs), never fp16."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = native_bf16(device)
     if choice == "auto":
         return "bf16" if bf16_ok else "fp32"
     if choice == "bf16" and device.type == "cuda" and not bf16_ok:

@@ -378,4 +378,18 @@ def resolve_device(device: str | None) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 in hardware: CUDA GPUs of compute capability 8.0 (Ampere) and later, and ROCm.
+    torch.cuda.is_bf16_supported() also says yes for older GPUs that only emulate it (slower than fp32 there), and it
+    asks about the current device rather than this one."""
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8

@@ -4,13 +4,15 @@ path (length-sorted left-padded batches, shared-prefix prefill, KV cache written
 Every variant runs the same model on the same prompts and generates exactly --new_tokens tokens per dialogue
 (min_new_tokens = max_new_tokens: random weights never emit <|im_end|>), greedy. The default, 64, is below the
 ~150 tokens of a real answer, to keep the chapter's way under 10 minutes on 2 CPU cores; since reading the prompt
-costs nearly the same in every variant, a shorter count understates what batching gains on the real task. Variants are interleaved round by
-round over the length-sorted samples, so a busy shared machine slows them alike. The last line printed is one JSON
-object with the figures, the machine and "speedup" (best batched samples/s over the chapter's samples/s).
+costs nearly the same in every variant, a shorter count understates what batching gains on the real task. Variants
+are interleaved round by round over the length-sorted samples, so a busy shared machine slows them alike. The last
+line printed is one JSON object with the figures, the machine and "speedup" (best batched samples/s over the
+chapter's samples/s).
 
     python data_helper.py                   # writes data/test.json
     python bench/bench_predict.py           # CPU: a random 10-layer, 512-wide model with the full vocabulary
-    python bench/bench_predict.py --model_path output_dir_qlora/epoch-3-step-906-merge/ --device cuda --new_tokens 128
+    python bench/bench_predict.py --real_shape --device cuda --new_tokens 128 --batch_sizes 8 16 32   # GPU: 1.8B shape
+    python bench/bench_predict.py --model_path output_dir_qlora/merged --device cuda --new_tokens 128
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -31,25 +32,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import predict  # noqa: E402
+from bench.common import add_model_args, apply_real_shape, machine_info, random_model  # noqa: E402
 from utils import resolve_device, set_random_seed  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--model_path", type=str, default=None,
-                       help="a checkpoint directory; by default a random model of the shape below is built (once) "
-                            "under --cache_dir")
-    model.add_argument("--cache_dir", type=str, default=os.path.join(ROOT, "bench"),
-                       help="where the random model is kept (as tiny_qwen_*/, which git ignores)")
-    model.add_argument("--hidden_size", type=int, default=512, help="random model width")
-    model.add_argument("--num_hidden_layers", type=int, default=10, help="random model depth")
-    model.add_argument("--num_attention_heads", type=int, default=8, help="random model heads")
-    model.add_argument("--intermediate_size", type=int, default=2816, help="random model MLP size (twice its width)")
-    model.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    add_model_args(model, "model_path", num_hidden_layers=10)
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                        help="auto = bf16 on a bf16 GPU, fp16 on other GPUs, fp32 on the CPU")
-    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
     work = parser.add_argument_group("workload")
     work.add_argument("--input_file", type=str, default=os.path.join(ROOT, "data", "test.json"),
@@ -63,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     work.add_argument("--max_src_len", type=int, default=1560, help="prompt truncation, as in training")
     work.add_argument("--seed", type=int, default=0, help="seed of the random model")
     args = parser.parse_args(argv)
+    apply_real_shape(args)
     if not os.path.isfile(args.input_file):
         raise SystemExit(f"--input_file {args.input_file}: not found. Run `python data_helper.py` first (it splits "
                          f"data/all.json into data/train.json and data/test.json), or pass --input_file.")
@@ -142,21 +135,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def random_model(args: argparse.Namespace) -> str:
-    """Build (once) a random-weight checkpoint of the requested shape under --cache_dir, with the full vocabulary."""
-    from qwen1_8.make_tiny import make_tiny
-
-    name = (f"tiny_qwen_h{args.hidden_size}_l{args.num_hidden_layers}_a{args.num_attention_heads}"
-            f"_i{args.intermediate_size}_s{args.seed}")
-    path = os.path.join(args.cache_dir, name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        print(f"building a random model in {path}", flush=True)
-        make_tiny(path, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                  num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
-                  seed=args.seed)
-    return path
-
-
 @torch.inference_mode()
 def chapter_generate(model, tokenizer, ids: list[int], config) -> tuple[str, int]:
     """The chapter's predict.py: one prompt, no padding, a plain generate() with transformers' own cache."""
@@ -174,27 +152,6 @@ def warm_up(model, tokenizer, prompts: list[list[int]], config) -> None:
     short = predict.build_generation_config(tokenizer, 2, min_new_tokens=2)
     chapter_generate(model, tokenizer, prompts[0][:64], short)
     predict.generate_from_ids(model, tokenizer, [p[:64] for p in prompts[:2]], short)
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["cpu"] = cpu_name()
-    return info
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def model_info(model, model_path: str) -> dict:

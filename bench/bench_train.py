@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -30,26 +29,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
+from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync  # noqa: E402
 from utils import DataCollator, IGNORE_INDEX, QwenPromptDataSet, resolve_device, set_random_seed  # noqa: E402
-
-REAL_SHAPE = {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 11008}
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", type=str, default=None,
-                       help="a checkpoint directory; by default a random model of the shape below is built (once) "
-                            "under --cache_dir")
-    model.add_argument("--cache_dir", type=str, default=os.path.join(ROOT, "bench"),
-                       help="where random models are kept (as tiny_qwen_*/, which git ignores)")
-    model.add_argument("--real_shape", action="store_true",
-                       help="Qwen-1.8B's shape (2048 wide, 24 layers, 16 heads, intermediate 11008); for a GPU")
-    model.add_argument("--hidden_size", type=int, default=512, help="random model width (without --real_shape)")
-    model.add_argument("--num_hidden_layers", type=int, default=4, help="random model depth")
-    model.add_argument("--num_attention_heads", type=int, default=8, help="random model heads")
-    model.add_argument("--intermediate_size", type=int, default=2816, help="random model MLP size (twice its width)")
-    model.add_argument("--device", type=str, default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    add_model_args(model, "model_name_or_path", num_hidden_layers=4)
     model.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="as train.py: bf16 on a bf16 GPU, else fp32")
     model.add_argument("--quantization", choices=("nf4", "none"), default="nf4", help="as train.py")
@@ -57,7 +43,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="turn off activation checkpointing (the chapter uses it)")
     model.add_argument("--full_logits", action="store_true",
                        help="compute the (B, T, vocab) logits as the chapter did, instead of the labelled rows only")
-    model.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
     lora = parser.add_argument_group("LoRA (train.py's flags and defaults)")
     lora.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
@@ -79,9 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     work.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
     work.add_argument("--seed", type=int, default=1234, help="seed of the random model, data and LoRA init")
     args = parser.parse_args(argv)
-    if args.real_shape:
-        for key, value in REAL_SHAPE.items():
-            setattr(args, key, value)
+    apply_real_shape(args)
     if not 0 < args.label_len < args.seq_len:
         raise SystemExit(f"--label_len ({args.label_len}) must be positive and below --seq_len ({args.seq_len})")
     if min(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.steps) < 1:
@@ -99,15 +82,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = resolve_device(args.device)
     precision = train.resolve_precision(args.precision, device)
     if args.model_name_or_path is None:
-        args.model_name_or_path = random_model(args, precision)
+        args.model_name_or_path = random_model(args)
     args.gradient_checkpointing = not args.no_gradient_checkpointing
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model = train.build_model(args, precision, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    masters = cast_like_deepspeed(model, precision)
+    optimizer = torch.optim.AdamW(masters or params, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=0.1)
     batches = micro_batches(args, device)
+    if device.type == "cuda":  # the training peak, not the load's (fp32 and bf16 copies briefly coexist there)
+        torch.cuda.reset_peak_memory_stats(device)
 
     step_seconds, losses, tokens = [], [], 0
     for step in range(args.warmup_steps + args.steps):
@@ -120,8 +105,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
             step_tokens += batch["input_ids"].numel()
+        for master, param in zip(masters, params):  # bf16: step the fp32 masters, copy them back (DeepSpeed's way)
+            master.grad, param.grad = param.grad.float(), None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for master, param in zip(masters, params):
+            param.data.copy_(master.data)
         sync(device)
         seconds = time.perf_counter() - start
         timed = step >= args.warmup_steps
@@ -164,20 +153,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def random_model(args: argparse.Namespace, precision: str) -> str:
-    """Build (once) a random-weight checkpoint of the requested shape under --cache_dir, with the full vocabulary."""
-    from qwen1_8.make_tiny import make_tiny
-
-    dtype = "bfloat16" if args.real_shape else "float32"  # 1.8B in bf16 is 3.7 GB on disk, as the real shards
-    name = (f"tiny_qwen_h{args.hidden_size}_l{args.num_hidden_layers}_a{args.num_attention_heads}"
-            f"_i{args.intermediate_size}_s{args.seed}_{dtype}")
-    path = os.path.join(args.cache_dir, name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        print(f"building a random model in {path}", flush=True)
-        make_tiny(path, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                  num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
-                  dtype=dtype, seed=args.seed)
-    return path
+def cast_like_deepspeed(model: torch.nn.Module, precision: str) -> list[torch.Tensor]:
+    """In bf16, do to the model what train.py's DeepSpeed engine does in its bf16 mode: every floating parameter
+    (prepare_model_for_kbit_training leaves the embedding, norms, lm_head and LoRA in fp32) becomes bf16, and the
+    optimizer steps fp32 master copies of the trainable ones. Returns those masters ([] in fp32: step the params)."""
+    if precision != "bf16":
+        return []
+    masters = []
+    for param in model.parameters():
+        if param.requires_grad:
+            masters.append(param.detach().float().clone())
+        if param.dtype in (torch.float32, torch.float16):
+            param.data = param.data.to(torch.bfloat16)
+    return masters
 
 
 def micro_batches(args: argparse.Namespace, device: torch.device):
@@ -199,19 +187,6 @@ def micro_batches(args: argparse.Namespace, device: torch.device):
         labels[:, :-args.label_len] = IGNORE_INDEX
         yield {"input_ids": input_ids.to(device), "labels": labels.to(device),
                "attention_mask": torch.ones_like(input_ids).to(device)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 if __name__ == "__main__":

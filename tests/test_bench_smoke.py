@@ -45,10 +45,34 @@ def test_bench_predict_needs_the_test_split(tmp_path):
 
 
 def test_bench_train_smoke(tmp_path, capsys):
+    """fp32 and bf16 (DeepSpeed's bf16 mode, imitated) give the same losses to bf16 rounding."""
     bench = load_script("bench_train")
-    bench.main(TINY + ["--cache_dir", str(tmp_path), "--seq_len", "24", "--label_len", "8",
-                       "--gradient_accumulation_steps", "2", "--warmup_steps", "0", "--steps", "1"])
-    result = last_json_line(capsys.readouterr().out)
-    assert result["settings"]["quantization"] == "nf4" and result["settings"]["gradient_checkpointing"]
-    assert result["model"]["trainable_params"] > 0
-    assert result["seconds_per_optimizer_step"] > 0 and result["tokens_per_s"] > 0 and result["peak_memory_gb"] > 0
+    results = {}
+    for precision in ("fp32", "bf16"):
+        bench.main(TINY + ["--cache_dir", str(tmp_path), "--seq_len", "24", "--label_len", "8", "--precision",
+                           precision, "--gradient_accumulation_steps", "2", "--warmup_steps", "0", "--steps", "2",
+                           "--learning_rate", "1e-2"])
+        results[precision] = result = last_json_line(capsys.readouterr().out)
+        assert result["settings"]["quantization"] == "nf4" and result["settings"]["gradient_checkpointing"]
+        assert result["settings"]["precision"] == precision and result["model"]["trainable_params"] > 0
+        assert result["seconds_per_optimizer_step"] > 0 and result["tokens_per_s"] > 0
+        assert result["peak_memory_gb"] > 0
+    assert results["bf16"]["loss_first_last"] == pytest.approx(results["fp32"]["loss_first_last"], abs=0.05)
+
+
+def test_bench_train_bf16_casts_like_deepspeed(tiny_ckpt):
+    import torch
+
+    import train
+
+    bench = load_script("bench_train")
+    args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--lora_dim", "4"])
+    model = train.build_model(args, "bf16", torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # peft upcasts; DeepSpeed casts back
+    masters = bench.cast_like_deepspeed(model, "bf16")
+    assert [m.shape for m in masters] == [p.shape for p in trainable]
+    assert all(m.dtype == torch.float32 and torch.equal(m.bfloat16(), p) for m, p in zip(masters, trainable))
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    assert floating and all(p.dtype == torch.bfloat16 for p in floating)  # 4-bit weights stay packed uint8
+    assert bench.cast_like_deepspeed(model, "fp32") == []

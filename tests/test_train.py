@@ -175,11 +175,14 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     # 6 samples per rank, batch 2 -> 3 micro-batches per epoch in windows of 2 and 1 -> 2 steps per epoch
     log = run([*cmd, "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
                *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", save_model_step=0,
-                      gradient_accumulation_steps=2)])
+                      gradient_accumulation_steps=2, save_total_limit=1)])
     lines = STEP_LINE.findall(log)
     assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # printed by rank 0 only
     assert float(lines[-1][4]) < float(lines[0][4]) - 0.05
-    assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == ["epoch-1-step-2", "epoch-2-step-4"]
+    # saved at both epoch ends; --save_total_limit 1 keeps the newest and the best
+    assert f"saved {out}/epoch-1-step-2" in log and f"saved {out}/epoch-2-step-4" in log
+    best = os.path.basename(read_json(os.path.join(out, "best_checkpoint.json"))["path"])
+    assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == sorted({best, "epoch-2-step-4"})
     info = read_json(os.path.join(out, "train_args.json"))
     assert info["world_size"] == 2 and info["ds_config"]["train_batch_size"] == 2 * 2 * 2
     assert info["ds_config"]["zero_optimization"]["stage"] == 2
@@ -223,6 +226,36 @@ def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_
     assert model.get_nb_trainable_parameters()[0] == 2 * 8 * (256 + 128 + 2 * 192 + 192)
 
 
+def test_prune_checkpoints_keeps_the_newest_and_the_best(tmp_path):
+    names = ["epoch-1-step-1", "epoch-1-step-9", "epoch-2-step-10", "epoch-2-step-11", "epoch-3-step-20"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "epoch-9-step-99").write_text("a file, not a checkpoint")
+    best = {"path": str(tmp_path / "epoch-1-step-9"), "step": 9, "ppl": 1.5}
+    deleted = train.prune_checkpoints(str(tmp_path), keep=2, best=best)
+    assert deleted == ["epoch-1-step-1", "epoch-2-step-10"]  # ordered by step, not by name
+    assert sorted(os.listdir(tmp_path)) == ["epoch-1-step-9", "epoch-2-step-11", "epoch-3-step-20", "epoch-9-step-99",
+                                            "tensorboard"]
+    assert train.prune_checkpoints(str(tmp_path), keep=2, best=best) == []
+    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None) == ["epoch-1-step-9", "epoch-2-step-11"]
+
+
+def test_output_dir_not_shared_by_all_ranks_is_refused(tmp_path, monkeypatch):
+    """Rank 0's marker file is seen by this rank only: the all-reduced count (here: no other rank adds its 1)
+    falls short of the world size, and the run stops with a message instead of writing split checkpoints."""
+    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(train.dist, "barrier", lambda: None)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor: None)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--output_dir .*out: 1 of 2 ranks cannot see files that rank 0 writes"):
+        train.check_output_dir_shared(str(out), rank=0, world_size=2, device=torch.device("cpu"))
+    assert os.listdir(out) == []  # the marker is removed
+    train.check_output_dir_shared(str(tmp_path / "single"), rank=0, world_size=1, device=torch.device("cpu"))
+    assert not os.path.exists(tmp_path / "single")  # one process: nothing to check
+
+
 def test_step_plan_counts_partial_windows():
     plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (303, 909, 27)  # the chapter's log
@@ -241,6 +274,8 @@ def test_ds_config_is_filled_from_the_flags():
     template = train.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
     assert "offload_param" not in template["zero_optimization"]
     assert "offload_optimizer" not in template["zero_optimization"]
+    # one gradient bucket holds all 13,418,496 LoRA parameters of the 1.8B run, without DeepSpeed's 5e8 default
+    assert 13_418_496 <= template["zero_optimization"]["reduce_bucket_size"] <= 5 * 10**7
     args = ds_args(weight_decay=0.05, adam_beta2=0.999, learning_rate=3e-4)
     plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
     cfg = train.build_ds_config(template, args, world_size=2, precision="bf16", plan=plan)
