@@ -79,9 +79,8 @@ $(RUN)/best_checkpoint.json: $(TINY)/config.json $(DEMO)/train_small.json data/t
 		--is_skip
 
 $(MERGED)/config.json: $(RUN)/best_checkpoint.json
-	@echo "==> merging the best checkpoint's adapter into the full-precision base"
-	$(VPY) merge_params.py --ori_model_dir $(TINY) --overwrite --save_model_dir $(MERGED) \
-		--model_dir $$($(VPY) -c "import json;print(json.load(open('$(RUN)/best_checkpoint.json'))['path'])")
+	@echo "==> merging the best checkpoint's adapter into the unquantized base"
+	$(VPY) merge_params.py --ori_model_dir $(TINY) --model_dir $(RUN) --save_model_dir $(MERGED) --overwrite
 
 $(PRED): $(MERGED)/config.json
 	@echo "==> batch extraction over the 50 test dialogues ($(DEMO_NEW_TOKENS) new tokens each: random weights never stop)"

@@ -102,6 +102,20 @@ def build_samples(records: list, path: str) -> list[dict]:
     return samples
 
 
+def drop_repeated_dialogues(samples: list[dict]) -> tuple[list[dict], list[int]]:
+    """The samples with each dialogue kept once (its first record), and the indices of the records dropped: a
+    dialogue in both splits would be tested on what was trained on."""
+    seen: set[str] = set()
+    kept, dropped = [], []
+    for index, sample in enumerate(samples):
+        if sample["input"] in seen:
+            dropped.append(index)
+        else:
+            seen.add(sample["input"])
+            kept.append(sample)
+    return kept, dropped
+
+
 def split_samples(samples: list[dict], test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, test): a seeded shuffle of the indices; the first `test_size` go to test."""
     if not 0 < test_size < len(samples):
@@ -122,13 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         paths = [os.path.abspath(p) for p in (args.all_path, args.train_path, args.test_path)]
         if len(set(paths)) < 3:
             raise ValueError("--all_path, --train_path and --test_path must be three different files")
-        samples = build_samples(load_records(args.all_path), args.all_path)
+        samples, dropped = drop_repeated_dialogues(build_samples(load_records(args.all_path), args.all_path))
         train, test = split_samples(samples, args.test_size, args.seed)
     except ValueError as e:
         raise SystemExit(f"data_helper: error: {e}") from None
+    if dropped:
+        print(f"{args.all_path}: dropped {len(dropped)} records whose dialogue repeats an earlier record's "
+              f"(records {', '.join(map(str, dropped[:5]))}{', ...' if len(dropped) > 5 else ''})")
     atomic_write_text(args.train_path, to_jsonl(train))
     atomic_write_text(args.test_path, to_jsonl(test))
-    print(f"read {len(samples)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
+    print(f"read {len(samples) + len(dropped)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
           f"{len(test)} to {args.test_path} (seed {args.seed})")
 
 

@@ -10,8 +10,9 @@ with no JSON object counts as all-empty fields.
 
 List fields (药品名称, 药物类别, 医疗检查, 医疗操作) compare sets of whitespace-stripped items; text fields (现病史,
 辅助检查, 诊断结果, 医疗建议) compare characters through the longest common subsequence, whitespace removed. Counts
-are pooled over all samples before dividing (micro averages); "overall" is the mean of the 8 fields. With
-`--json` only the report is printed, as JSON.
+are pooled over all samples before dividing (micro averages); "overall" is the mean of the 8 fields, and "list
+micro" pools the items of the 4 list fields, every extracted span counting alike. With `--json` only the report is
+printed, as JSON.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
 
     `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
     {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields": {key: {"precision", "recall", "f1"}},
-    "overall": {"precision", "recall", "f1"}}; every rate is in [0, 1].
+    "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1].
     """
     if not golds:
         raise ValueError(f"{gold_name}: no records to evaluate")
@@ -180,9 +181,12 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
         exact_count += exact
     fields = {k: prf(tp[k], n_pred[k], n_gold[k]) for k in EXTRACT_KEYS}
     overall = {m: sum(f[m] for f in fields.values()) / len(fields) for m in ("precision", "recall", "f1")}
+    # every extracted span of the 4 list fields counted alike, as entity-level extraction is usually scored
+    spans = prf(*(sum(counts[k] for k in LIST_KEYS) for counts in (tp, n_pred, n_gold)))
     n = len(pairs)
     return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
-            "grounded_rate": grounded / items if items else 1.0, "fields": fields, "overall": overall}
+            "grounded_rate": grounded / items if items else 1.0, "fields": fields, "overall": overall,
+            "list_fields_micro": spans}
 
 
 def item_set(items: Sequence[str]) -> set[str]:
@@ -239,7 +243,7 @@ def _ljust(text: str, width: int) -> str:
 
 def format_table(report: dict) -> str:
     lines = [f"{_ljust('field', 10)} {'precision':>9} {'recall':>9} {'f1':>9}"]
-    rows = list(report["fields"].items()) + [("overall", report["overall"])]
+    rows = [*report["fields"].items(), ("overall", report["overall"]), ("list micro", report["list_fields_micro"])]
     for name, scores in rows:
         if name == "overall":
             lines.append("-" * 40)

@@ -1,15 +1,20 @@
-"""Merge a LoRA adapter trained by train.py into the full-precision base model and save a standalone checkpoint
-(safetensors shards, config.json, generation_config.json, tokenizer files) that loads with our qwen1_8 classes.
+"""Merge a LoRA adapter trained by train.py into the unquantized base model and save a standalone checkpoint
+(safetensors shards, config.json, generation_config.json, tokenizer files, and the run's train_args.json, from which
+predict.py takes the training lengths) that loads with our qwen1_8 classes.
 
-    python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora/epoch-3-step-906 \
-        --save_model_dir output_dir_qlora/epoch-3-step-906-merge
+    python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora \
+        --save_model_dir output_dir_qlora/merged
 
-W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype (its config's dtype by default), never to a
-4-bit copy. An adapter trained against an NF4 base therefore meets slightly different base weights here: the usual
-QLoRA caveat. Before anything is written the merged model's logits are compared with base + adapter on a probe
-prompt, and the merge fails if they differ by more than the dtype allows. Output goes to a temporary directory that
-is renamed at the end, so an interrupted merge leaves nothing half-written, and a non-empty --save_model_dir is only
-replaced with --overwrite.
+--model_dir is a checkpoint (output_dir_qlora/epoch-3-step-909) or a run's output_dir, which stands for the best
+checkpoint its best_checkpoint.json names.
+
+W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype, never to a 4-bit copy. The default is the base
+config's dtype: bfloat16 for the published Qwen-1.8B-Chat, which rounds part of a small update away, as serving in
+bf16 would anyway; --dtype float32 keeps it whole for fp32 serving. An adapter trained against an NF4 base meets
+slightly different base weights here: the usual QLoRA caveat. Before anything is written the merged model's logits
+are compared with base + adapter on a probe prompt, and the merge fails if they differ by more than the dtype
+allows. Output goes to a temporary directory that is renamed at the end, so an interrupted merge leaves nothing
+half-written, and a non-empty --save_model_dir is only replaced with --overwrite.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 from utils import build_chatml_ids, resolve_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # predict.py's spellings too
 # Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
 # fp32 only reorders sums; 16-bit formats also round W + BA once.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -35,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     paths = parser.add_argument_group("paths")
     paths.add_argument("--ori_model_dir", default="Qwen-1_8-chat",
                        help="the base checkpoint the adapter was trained on")
-    paths.add_argument("--model_dir", default="output_dir_qlora/epoch-3-step-906",
-                       help="a train.py checkpoint: adapter_config.json + adapter_model.safetensors (+ tokenizer)")
-    paths.add_argument("--save_model_dir", default="output_dir_qlora/epoch-3-step-906-merge",
-                       help="where the merged checkpoint goes")
+    paths.add_argument("--model_dir", default="output_dir_qlora",
+                       help="a train.py checkpoint (adapter_config.json + adapter_model.safetensors), or a run's "
+                            "output_dir: its best checkpoint (best_checkpoint.json)")
+    paths.add_argument("--save_model_dir", default="output_dir_qlora/merged", help="where the merged checkpoint goes")
     paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model_dir")
     run = parser.add_argument_group("precision and output")
     run.add_argument("--device", default="auto",
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    args.model_dir = resolve_checkpoint(args.model_dir)
     if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
         fail(f"--ori_model_dir {args.ori_model_dir}: no config.json (not a model directory)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
@@ -105,6 +112,22 @@ def validate(args: argparse.Namespace) -> None:
         fail(f"--save_model_dir {args.save_model_dir} is a file")
     if os.path.isdir(save) and os.listdir(save) and not args.overwrite:
         fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
+
+
+def resolve_checkpoint(model_dir: str) -> str:
+    """A run's output_dir stands for its best checkpoint; anything else is taken as a checkpoint."""
+    best_file = os.path.join(model_dir, "best_checkpoint.json")
+    if os.path.isfile(os.path.join(model_dir, "adapter_config.json")) or not os.path.isfile(best_file):
+        return model_dir
+    try:
+        with open(best_file, encoding="utf-8") as f:
+            best = json.load(f)["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{best_file}: cannot read the best checkpoint's 'path' ({e})")
+    if not os.path.isdir(best):  # the run may have been moved: the same name inside model_dir
+        best = os.path.join(model_dir, os.path.basename(os.path.normpath(best)))
+    print(f"{model_dir}: its best checkpoint is {best}")
+    return best
 
 
 def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:
@@ -145,6 +168,8 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
         for name in ("generation_config.json", "qwen.tiktoken"):  # in case the base had no generation config loaded
             if not os.path.exists(os.path.join(tmp, name)) and os.path.exists(os.path.join(args.ori_model_dir, name)):
                 shutil.copyfile(os.path.join(args.ori_model_dir, name), os.path.join(tmp, name))
+        if os.path.isfile(os.path.join(args.model_dir, "train_args.json")):  # predict.py reads the lengths from it
+            shutil.copyfile(os.path.join(args.model_dir, "train_args.json"), os.path.join(tmp, "train_args.json"))
         with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
         os.chmod(tmp, 0o755)

@@ -3,12 +3,12 @@
 Interactive: paste a dialogue (as many lines as it has), end it with an empty line, and the extracted JSON is printed;
 `quit`, `exit`, Ctrl-D or Ctrl-C leave.
 
-    python predict.py --model_path output_dir_qlora/epoch-3-step-906-merge/
+    python predict.py --model_path output_dir_qlora/merged
 
 Batch: one JSON line per input record, `{"id", "output", "num_new_tokens"}`, appended as each batch finishes, so a
 rerun with the same --output_file resumes where the last one stopped; `python evaluate.py` scores the file.
 
-    python predict.py --model_path output_dir_qlora/epoch-3-step-906-merge/ \
+    python predict.py --model_path output_dir_qlora/merged \
         --input_file data/test.json --output_file predictions.jsonl --batch_size 8
 
 The prompt is `utils.build_chatml_ids(..., output=None)`, token for token the prefix the model was trained on (the
@@ -33,7 +33,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, iter_jsonl, load_done_ids, parse_output,
                    native_bf16, resolve_device, set_random_seed)
 
-DEFAULT_MODEL_PATH = "output_dir_qlora/epoch-3-step-906-merge/"
+DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
+TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
 
 
 def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL_PATH,
@@ -58,10 +59,12 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
     gen.add_argument("--repetition_penalty", type=float, default=1.1,
                      help="penalty on tokens already in the prompt or answer; 1.0 turns it off")
     gen.add_argument("--seed", type=int, default=42, help="random seed (matters only with --do_sample)")
-    gen.add_argument("--max_len", type=int, default=2048,
-                     help="the training --max_len; with --max_src_len it truncates prompts exactly as training did")
-    gen.add_argument("--max_src_len", type=int, default=1560,
-                     help="the training --max_src_len: a longer user block keeps its head, as in training")
+    gen.add_argument("--max_len", type=int, default=None,
+                     help="the training --max_len; with --max_src_len it truncates prompts exactly as training did. "
+                          "Default: the model's train_args.json (merge_params.py copies it), else 2048")
+    gen.add_argument("--max_src_len", type=int, default=None,
+                     help="the training --max_src_len: a longer user block keeps its head, as in training. "
+                          "Default: from train_args.json as --max_len, else 1560")
 
     io = parser.add_argument_group("batch mode")
     io.add_argument("--input_file", type=str, default=None,
@@ -85,18 +88,39 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.max_tgt_len < 1:
         raise SystemExit(f"--max_tgt_len must be at least 1, got {args.max_tgt_len}")
+    if not os.path.isdir(args.model_path):
+        raise SystemExit(f"--model_path {args.model_path}: no such directory")
+    fill_training_lengths(args)
     if not 0 < args.max_src_len < args.max_len:
         raise SystemExit(f"--max_src_len ({args.max_src_len}) must be positive and below --max_len ({args.max_len})")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         raise SystemExit(f"--input_file {args.input_file}: no such file")
-    if not os.path.isdir(args.model_path):
-        raise SystemExit(f"--model_path {args.model_path}: no such directory")
+
+
+def fill_training_lengths(args: argparse.Namespace) -> None:
+    """--max_len / --max_src_len not given: the values the model was trained with (train_args.json, which train.py
+    writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
+    path = os.path.join(args.model_path, "train_args.json")
+    trained = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved_args = json.load(f)["args"]
+            trained = {k: int(saved_args[k]) for k in TRAINING_LENGTHS}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{path}: cannot read the training lengths ({e}); pass --max_len and --max_src_len")
+    for key, chapter in TRAINING_LENGTHS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, trained.get(key, chapter))
+    if trained:
+        print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} "
+              f"(trained with {trained['max_len']} / {trained['max_src_len']}, from {path})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     set_random_seed(args.seed)
-    device = resolve_device(args.device)
+    device = check_inputs(args, "predict.py")
     model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
     generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
                                                 args.temperature, args.repetition_penalty)
@@ -111,6 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
                  args.max_len, args.max_src_len)
     return 0
+
+
+def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
+    """The device, after every input has been read once: a bad --device, input line or results line stops here
+    with its file and line, not after minutes of loading the model."""
+    try:
+        device = resolve_device(args.device)
+        if args.input_file is not None:
+            read_examples(args.input_file)
+            load_done_ids(args.output_file)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    return device
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -95,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, settings), show)
     try:
         examples = read_examples(args.input_file)
+        load_done_ids(args.output_file)  # a bad results line stops here, before any request
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"test_openai.py: error: {e}") from None
     try:
         failures = predict_file(client, examples, args.output_file, settings, args.concurrency,
                                 source=args.input_file)

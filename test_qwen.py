@@ -18,9 +18,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from predict import (build_arg_parser, build_generation_config, check_args, interactive, load_model, predict_file,
-                     resolve_dtype, show_answer)
-from utils import INSTRUCTION, SYSTEM_PROMPT, resolve_device, set_random_seed
+from predict import (build_arg_parser, build_generation_config, check_args, check_inputs, interactive, load_model,
+                     predict_file, resolve_dtype, show_answer)
+from utils import INSTRUCTION, SYSTEM_PROMPT, set_random_seed
 
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     set_random_seed(args.seed)
-    device = resolve_device(args.device)
+    device = check_inputs(args, "test_qwen.py")
     model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
     generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
                                                 args.temperature, args.repetition_penalty)

@@ -51,8 +51,8 @@ from tqdm import tqdm
 from utils import (IGNORE_INDEX, DataCollator, QwenPromptDataSet, atomic_write_text, print_rank_0,
                    native_bf16, set_random_seed)
 
-CHECKPOINT_PREFIX = "epoch-"
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
+CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
 SUPPORTED_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
 
 
@@ -578,9 +578,6 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
     dist.barrier()
 
 
-CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
-
-
 def prune_checkpoints(output_dir: str, keep: int, best: dict | None) -> list[str]:
     """Delete all but the `keep` newest epoch-E-step-G checkpoints of output_dir, never the best one; returns the
     names deleted. Called on rank 0 after a checkpoint is complete, so the newest one is always whole."""
@@ -714,10 +711,12 @@ def validate_args(args: argparse.Namespace) -> None:
             if not os.path.exists(os.path.join(ckpt, needed)):
                 fail(f"--resume_from_checkpoint {ckpt}: {needed} is missing (not a checkpoint of train.py?)")
     elif not args.overwrite_output_dir and os.path.isdir(args.output_dir):
-        old = sorted(d for d in os.listdir(args.output_dir) if d.startswith(CHECKPOINT_PREFIX))
+        old = [d for d in os.listdir(args.output_dir) if CHECKPOINT_NAME.match(d)]
         if old:
-            fail(f"--output_dir {args.output_dir} already holds checkpoints ({', '.join(old[:3])}...); pass "
-                 f"--resume_from_checkpoint, --overwrite_output_dir or another --output_dir")
+            latest = max(old, key=lambda d: int(CHECKPOINT_NAME.match(d).group(2)))
+            fail(f"--output_dir {args.output_dir} already holds {len(old)} checkpoint(s), the latest "
+                 f"{latest}; pass --resume_from_checkpoint {os.path.join(args.output_dir, latest)} to continue, "
+                 f"--overwrite_output_dir to start over, or another --output_dir")
 
 
 def load_ds_json(path: str) -> dict:

@@ -263,22 +263,29 @@ def append_jsonl(path: str, records: Iterable[dict]) -> None:
 
 
 def load_done_ids(path: str) -> set[int]:
-    """Ids already in a results file (for resuming). A torn last line from a killed run is dropped from the file."""
+    """Ids already in a results file, for resuming. A run killed mid-write can leave its last line torn (no newline
+    at the end, and not valid JSON): that line alone is dropped from the file. Any other bad line stops with its line
+    number, so nothing already written is thrown away."""
     if not os.path.exists(path):
         return set()
-    done: set[int] = set()
-    good_lines: list[str] = []
-    torn = False
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                done.add(int(record["id"]))
-                good_lines.append(line if line.endswith("\n") else line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                torn = True
-    if torn:
-        atomic_write_text(path, "".join(good_lines))
+        lines = f.readlines()
+    done: set[int] = set()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            done.add(int(record["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if lineno == len(lines) and not line.endswith("\n"):
+                atomic_write_text(path, "".join(lines[:-1]))
+                break
+            raise ValueError(f"{path}:{lineno}: not a result record with an integer 'id'; fix or remove the line "
+                             f"(or pass another output file)") from None
+    else:
+        if lines and not lines[-1].endswith("\n"):  # whole but unterminated: end it, so appends start a new line
+            atomic_write_text(path, "".join(lines) + "\n")
     return done
 
 

@@ -117,6 +117,19 @@ def test_list_fields_are_deduplicated():
     assert fence_json(sample["output"])["药品名称"] == ["布洛芬", "美林"]
 
 
+def test_a_repeated_dialogue_is_kept_once_so_no_test_dialogue_was_trained_on(tmp_path, capsys):
+    data = records(12)
+    data += [dict(data[3]), dict(data[3], extract_text=extract(99)), dict(data[7])]  # records 12, 13, 14
+    train, test = run(tmp_path, data, "--test_size", "4")
+    inputs = [json.loads(line)["input"] for line in train + test]
+    assert len(inputs) == 12 and sorted(inputs) == sorted(r["dialogue_text"] for r in records(12))
+    kept = next(json.loads(line) for line in train + test if json.loads(line)["input"] == data[3]["dialogue_text"])
+    assert fence_json(kept["output"]) == extract(3)  # the first record of a repeated dialogue is the one kept
+    out = capsys.readouterr().out
+    assert "dropped 3 records whose dialogue repeats an earlier record's (records 12, 13, 14)" in out
+    assert "read 15 records" in out
+
+
 def _with(index: int, **changes) -> list:
     data = records(6)
     data[index] = {**data[index], **changes}

@@ -42,9 +42,10 @@ def assert_perfect(report: dict, n: int):
 
 def test_report_schema():
     report = ev.evaluate([gold(DIALOGUE_A, GOLD_A)], [pred(GOLD_A)])
-    assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields", "overall"}
+    assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields", "overall",
+                           "list_fields_micro"}
     assert list(report["fields"]) == list(EXTRACT_KEYS)
-    for scores in list(report["fields"].values()) + [report["overall"]]:
+    for scores in list(report["fields"].values()) + [report["overall"], report["list_fields_micro"]]:
         assert set(scores) == {"precision", "recall", "f1"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())
 
@@ -109,6 +110,8 @@ def test_partial_matches_exact_numbers():
         assert_scores(report["fields"][key], 1, 1, 1)
     assert_scores(report["overall"], (2 / 3 + 0 + 5 / 6 + 3 / 5 + 4) / 8, (2 / 3 + 0 + 5 / 8 + 1 + 4) / 8,
                   (2 / 3 + 0 + 5 / 7 + 0.75 + 4) / 8)
+    # list fields pooled: 药品名称 2 of 3 predicted / 3 gold, 医疗检查 0 / 1 gold, the other two empty -> 2, 3, 4
+    assert_scores(report["list_fields_micro"], 2 / 3, 2 / 4, 4 / 7)
     assert report["json_valid_rate"] == 1.0
     assert report["exact_match"] == 0.0
     # 布洛芬 and 头孢 are in their dialogues, 阿莫西林 is not

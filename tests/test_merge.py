@@ -80,3 +80,45 @@ def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", tiny_ckpt,
                            "--save_model_dir", str(tmp_path / "m")])
+
+
+def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ckpt, adapter_dir, tmp_path):
+    """--model_dir <output_dir> merges the checkpoint best_checkpoint.json names (also after the run was moved); the
+    run's train_args.json goes into the merged model, and predict.py truncates prompts with its lengths."""
+    import shutil
+
+    import predict
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run / "epoch-1-step-2")
+    (run / "epoch-1-step-2" / "train_args.json").write_text(
+        json.dumps({"args": {"max_len": 512, "max_src_len": 300}, "world_size": 1}), encoding="utf-8")
+    moved_from = "/elsewhere/output_dir_qlora/epoch-1-step-2"  # the path as written before the run was moved
+    (run / "best_checkpoint.json").write_text(json.dumps({"path": moved_from, "step": 2, "ppl": 9.0}))
+    merged_dir = tmp_path / "merged"
+    merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(run), "--save_model_dir", str(merged_dir),
+                       "--device", "cpu", "--dtype", "bf16"])
+    with open(merged_dir / "merge_info.json", encoding="utf-8") as f:
+        info = json.load(f)
+    assert info["model_dir"] == str(run / "epoch-1-step-2") and info["dtype"] == "bfloat16"
+    with open(merged_dir / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert (config["bf16"], config["fp16"], config["fp32"]) == (True, False, False)  # they describe the weights
+
+    args = predict.parse_args(["--model_path", str(merged_dir)])
+    assert (args.max_len, args.max_src_len) == (512, 300)
+    args = predict.parse_args(["--model_path", str(merged_dir), "--max_len", "1024"])
+    assert (args.max_len, args.max_src_len) == (1024, 300)  # a flag given wins
+    args = predict.parse_args(["--model_path", tiny_ckpt])  # no train_args.json: the chapter's lengths
+    assert (args.max_len, args.max_src_len) == (2048, 1560)
+
+
+def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_dir, pickled)
+    os.rename(pickled / "adapter_model.safetensors", pickled / "adapter_model.bin")
+    with pytest.raises(SystemExit, match="no adapter_model.safetensors .*never from pickled .bin files"):
+        merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(pickled),
+                           "--save_model_dir", str(tmp_path / "m")])

@@ -191,6 +191,73 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     assert generated == [] and len(read_lines(out)) == 5
 
 
+def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
+    from utils import load_done_ids
+
+    path = tmp_path / "pred.jsonl"
+    path.write_text('{"id": 0, "output": "a"}\n\n{"id": 2, "output": "c"}\n{"id": 5, "out', encoding="utf-8")
+    assert load_done_ids(str(path)) == {0, 2}
+    assert path.read_text(encoding="utf-8") == '{"id": 0, "output": "a"}\n\n{"id": 2, "output": "c"}\n'
+    path.write_text('{"id": 0, "output": "a"}\n{"id": 1, "output": "b"}', encoding="utf-8")  # whole, unterminated
+    assert load_done_ids(str(path)) == {0, 1}
+    assert path.read_text(encoding="utf-8").endswith('"b"}\n')  # the next append starts a line of its own
+    kept = '{"id": 0, "output": "a"}\n{"note": "by hand"}\n{"id": 1, "output": "b"}\n'
+    for bad, lineno in ((kept, 2), ('{"id": 0}\nnot json\n{"id": 1}\n', 2), ('{"id": "x"}\n', 1)):
+        path.write_text(bad, encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"pred\.jsonl:{lineno}: not a result record"):
+            load_done_ids(str(path))
+        assert path.read_text(encoding="utf-8") == bad  # nothing is thrown away
+
+
+@pytest.mark.parametrize("case", ["device", "input_line", "output_line"])
+def test_bad_inputs_stop_before_the_model_loads(case, tmp_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(predict, "load_model", no_load)
+    inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
+    argv = ["--model_path", str(tmp_path), "--input_file", str(inputs), "--output_file", str(out), "--device", "cpu"]
+    if case == "device":
+        argv[-1], expected = "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99", "--device cuda:"
+        if not torch.cuda.is_available():
+            expected = "no CUDA GPU is visible"
+    elif case == "input_line":
+        with open(inputs, "a", encoding="utf-8") as f:
+            f.write('{"dialogue": "x"}\n')
+        expected = "test.json:3: field 'input'"
+    else:
+        out.write_text('{"id": 0, "output": "a"}\n<<<<<<< HEAD\n', encoding="utf-8")
+        expected = "pred.jsonl:2: not a result record"
+    with pytest.raises(SystemExit) as excinfo:
+        predict.main(argv)
+    message = str(excinfo.value.code)
+    assert message.startswith("predict.py: error: ") and expected in message
+
+
+def test_do_sample_is_a_switch(tiny_ckpt):
+    """The chapter's `--do_sample False` (type=bool) meant True; here the flag takes no value, so that spelling is an
+    error instead of silent sampling."""
+    assert predict.parse_args(["--model_path", tiny_ckpt]).do_sample is False
+    assert predict.parse_args(["--model_path", tiny_ckpt, "--do_sample"]).do_sample is True
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--model_path", tiny_ckpt, "--do_sample", "False"])
+
+
+def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):
+    """test_qwen.py writes the same records as predict.py, from the same prompts (greedy, so the same answers)."""
+    import test_qwen
+
+    inputs = tmp_path / "test.json"
+    write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
+    common = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--max_tgt_len", "3"]
+    assert test_qwen.main(common + ["--output_file", str(tmp_path / "base.jsonl")]) == 0
+    assert predict.main(common + ["--output_file", str(tmp_path / "tuned.jsonl")]) == 0
+    base, tuned = read_lines(tmp_path / "base.jsonl"), read_lines(tmp_path / "tuned.jsonl")
+    assert sorted(r["id"] for r in base) == [0, 1]
+    assert sorted(base, key=lambda r: r["id"]) == sorted(tuned, key=lambda r: r["id"])
+
+
 def test_length_sorted_batches():
     prompts = {0: [1] * 5, 1: [1] * 9, 2: [1] * 2, 3: [1] * 7, 4: [1] * 9}
     assert predict.length_sorted_batches(prompts, 2) == [[1, 4], [3, 0], [2]]

@@ -3,11 +3,9 @@ left-padded batches, stopping, gradient checkpointing, 4-bit NF4 + LoRA on CPU, 
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qwen1_8 import QWenConfig, QWenLMHeadModel, QWenTokenizer
 from qwen1_8.modeling_qwen import ntk_alpha_for

@@ -6,6 +6,7 @@ The runs are subprocesses, exactly as a user starts them (`python train.py ...`,
 The samples use a short instruction so sequences are ~110 tokens and each run takes seconds.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -256,6 +257,52 @@ def test_output_dir_not_shared_by_all_ranks_is_refused(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "single")  # one process: nothing to check
 
 
+def test_each_epoch_has_a_new_order_that_the_ranks_split(tokenizer, data_dir):
+    args = train.parse_args([f"--train_path={data_dir}/train.json", "--test_path=", "--per_device_train_batch_size=2"])
+    train_set, _ = train.build_datasets(args, tokenizer, rank=0)
+    orders = {}
+    for epoch in (1, 2):
+        shares = []
+        for rank in (0, 1):
+            _, sampler, _ = train.build_dataloaders(args, train_set, None, tokenizer, rank=rank, world_size=2)
+            sampler.set_epoch(epoch)
+            shares.append(list(sampler))
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(12))
+        orders[epoch] = shares
+    assert orders[1] != orders[2]  # the chapter never called set_epoch: every epoch had the first one's order
+    _, sampler, _ = train.build_dataloaders(args, train_set, None, tokenizer, rank=0, world_size=2)
+    sampler.set_epoch(2)
+    sampler.skip = 4  # a resume 2 micro-batches into epoch 2 continues with the rest of the same order
+    assert list(sampler) == orders[2][0][4:] and len(sampler) == 2
+
+
+def test_test_perplexity_is_token_weighted_whatever_the_batch_size(tiny_ckpt, tokenizer, tmp_path, monkeypatch):
+    """exp(total NLL / label tokens) over the test set, the same at batch sizes 1, 2 and 4; the chapter's exp(mean of
+    per-batch mean losses) changes with the batch size when the answers differ in length."""
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+    from utils import DataCollator, QwenPromptDataSet
+
+    path = tmp_path / "test.json"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(6):
+            extract = {"药品名称": DRUGS[:i % 3 + 1], "药物类别": [], "医疗检查": [], "医疗操作": [],
+                       "现病史": "咳嗽发热" * (1 + 6 * (i % 2)), "辅助检查": "", "诊断结果": "", "医疗建议": "多喝水"}
+            f.write(json.dumps({"instruction": "抽取：\n", "input": f"患者：咳嗽{i}天。", "output": format_output(extract)},
+                               ensure_ascii=False) + "\n")
+    dataset = QwenPromptDataSet(str(path), tokenizer, 256, 64, False)
+    model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor: None)  # one process: the sum over ranks is itself
+    ppl, chapter = {}, {}
+    for batch_size in (1, 2, 4):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollator(tokenizer))
+        ppl[batch_size] = train.evaluate(model, loader, torch.device("cpu"))
+        with torch.no_grad():
+            means = [model(**batch, use_cache=False).loss.item() for batch in loader]
+        chapter[batch_size] = math.exp(sum(means) / len(means))
+    assert ppl[2] == pytest.approx(ppl[1], rel=1e-5) and ppl[4] == pytest.approx(ppl[1], rel=1e-5)
+    assert chapter[1] != pytest.approx(chapter[4], rel=1e-4)  # ~8e-4 apart here
+
+
 def test_step_plan_counts_partial_windows():
     plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (303, 909, 27)  # the chapter's log
@@ -301,7 +348,7 @@ def test_ds_config_never_overrides_a_flag_silently():
         train.build_ds_config(template, ds_args(), 1, "fp32", plan)
 
 
-@pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json"])
+@pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json", "old_run"])
 def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
     argv = flags(tiny_ckpt, data_dir, str(tmp_path / "out"))
     if case == "missing_model_dir":
@@ -317,13 +364,21 @@ def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
     elif case == "max_src_len":
         argv += ["--max_len=128", "--max_src_len=128"]
         expected = "--max_src_len (128) must be smaller than --max_len (128)"
-    else:
+    elif case == "bad_ds_json":
         bad = tmp_path / "ds.json"
         bad.write_text('{"train_batch_size": "auto",\n "zero_optimization": {"stage": 2,}}\n')
         argv += [f"--ds_file={bad}"]
         expected = f"{bad}:2:"
+    else:  # a finished or interrupted run is never overwritten by accident
+        for name in ("epoch-1-step-9", "epoch-2-step-10", "epoch-1-step-2"):
+            os.makedirs(tmp_path / "out" / name)
+        expected = (f"holds 3 checkpoint(s), the latest epoch-2-step-10; pass --resume_from_checkpoint "
+                    f"{tmp_path / 'out' / 'epoch-2-step-10'} to continue")
     with pytest.raises(SystemExit) as excinfo:
         train.main(argv)
     message = str(excinfo.value.code)
     assert message.startswith("train.py: error:") and expected in message
-    assert not os.path.exists(tmp_path / "out")
+    if case == "old_run":
+        assert sorted(os.listdir(tmp_path / "out")) == ["epoch-1-step-2", "epoch-1-step-9", "epoch-2-step-10"]
+    else:
+        assert not os.path.exists(tmp_path / "out")
