@@ -86,6 +86,7 @@ $(PRED): $(MERGED)/config.json
 	@echo "==> batch extraction over the 50 test dialogues ($(DEMO_NEW_TOKENS) new tokens each: random weights never stop)"
 	$(VPY) predict.py --model_path $(MERGED) --input_file data/test.json --output_file $(PRED).part \
 		--batch_size 16 --max_tgt_len $(DEMO_NEW_TOKENS)
+	mv $(PRED).part.settings.json $(PRED).settings.json
 	mv $(PRED).part $(PRED)
 
 $(DEMO)/report.json: $(PRED)

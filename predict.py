@@ -30,8 +30,8 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, iter_jsonl, load_done_ids, parse_output,
-                   native_bf16, resolve_device, set_random_seed)
+from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, check_run_settings, iter_jsonl, load_done_ids,
+                   native_bf16, parse_output, resolve_device, set_random_seed)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
@@ -145,9 +145,19 @@ def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
         if args.input_file is not None:
             read_examples(args.input_file)
             load_done_ids(args.output_file)
+            check_run_settings(args.output_file, run_settings(args, device))
     except ValueError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     return device
+
+
+def run_settings(args: argparse.Namespace, device: torch.device) -> dict:
+    """What decides the answers in a results file (the batch size and the device do not, in greedy fp32)."""
+    sampling = {"top_p": args.top_p, "temperature": args.temperature, "seed": args.seed} if args.do_sample else {}
+    return {"model_path": os.path.abspath(args.model_path),
+            "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."), "max_new_tokens": args.max_tgt_len,
+            "do_sample": args.do_sample, **sampling, "repetition_penalty": args.repetition_penalty,
+            "max_len": args.max_len, "max_src_len": args.max_src_len}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import openai
 from tqdm import tqdm
 
 from predict import Example, interactive, read_examples, show_answer
-from utils import INSTRUCTION, SYSTEM_PROMPT, append_jsonl, load_done_ids
+from utils import INSTRUCTION, SYSTEM_PROMPT, append_jsonl, check_run_settings, load_done_ids
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         examples = read_examples(args.input_file)
         load_done_ids(args.output_file)  # a bad results line stops here, before any request
+        check_run_settings(args.output_file, {"model": args.model, "temperature": args.temperature,
+                                              "max_tokens": args.max_tokens, "json_mode": args.json_mode})
     except ValueError as e:
         raise SystemExit(f"test_openai.py: error: {e}") from None
     try:

@@ -289,6 +289,28 @@ def load_done_ids(path: str) -> set[int]:
     return done
 
 
+def check_run_settings(output_file: str, settings: dict) -> None:
+    """Refuse to resume a results file with other settings (model, decoding, truncation) than those it was begun
+    with, which would mix two runs' answers in one file. The settings live beside it, in <output_file>.settings.json,
+    written when the file holds no results yet."""
+    path = output_file + ".settings.json"
+    begun = os.path.exists(output_file) and os.path.getsize(output_file) > 0
+    if begun and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg}); delete it to resume with the current "
+                                 f"settings") from None
+        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if before.get(key) != value]
+        if changed:
+            raise ValueError(f"{output_file} was begun with other settings ({'; '.join(changed)}); resume it with "
+                             f"the same ones, or write to another output file")
+        return
+    atomic_write_text(path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training data
 # --------------------------------------------------------------------------------------------------------------

@@ -243,6 +243,10 @@ def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
     # nothing left: no request at all
     assert run(server, tmp_path) == 0
     assert len(server.bodies) == 2
+    # the file was begun with these settings: another temperature would mix two runs' answers
+    with pytest.raises(SystemExit, match=r"out\.jsonl was begun with other settings \(temperature 0\.0 -> 0\.7\)"):
+        run(server, tmp_path, "--temperature", "0.7")
+    assert len(server.bodies) == 2
 
 
 def test_concurrency_is_bounded(server, api_key, tmp_path):

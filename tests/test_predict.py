@@ -191,6 +191,27 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     assert generated == [] and len(read_lines(out)) == 5
 
 
+def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
+    """A results file holds one run's answers: resuming it with another model, decoding or truncation stops before
+    anything is generated; the same settings (any batch size) resume."""
+    inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
+    argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
+            "--max_tgt_len", "2"]
+    assert predict.main(argv) == 0
+    with open(str(out) + ".settings.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["max_new_tokens"] == 2 and saved["do_sample"] is False and saved["dtype"] == "float32"
+    before = out.read_text(encoding="utf-8")
+    for extra, expected in ((["--max_tgt_len", "3"], "max_new_tokens 2 -> 3"),
+                            (["--repetition_penalty", "1.0"], "repetition_penalty 1.1 -> 1.0"),
+                            (["--max_src_len", "100"], "max_src_len 1560 -> 100")):
+        with pytest.raises(SystemExit, match=f"pred.jsonl was begun with other settings \\({expected}\\)"):
+            predict.main(argv + extra)  # the later flag wins
+    assert out.read_text(encoding="utf-8") == before
+    assert predict.main(argv + ["--batch_size", "1"]) == 0  # same settings: resumes (nothing left to do)
+
+
 def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
     from utils import load_done_ids
 
