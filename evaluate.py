@@ -2,6 +2,7 @@
 exact-match rate and the share of extracted list items that occur in the dialogue (grounded rate).
 
     python evaluate.py --gold data/test.json --pred predictions.jsonl --report report.json
+    python evaluate.py --gold data/test.json --pred predictions.jsonl predictions_base.jsonl predictions_openai.jsonl
 
 `--pred` is what predict.py, test_qwen.py or test_openai.py wrote: JSON Lines with the raw model text in "output"
 and, usually, "id" (the 0-based line of the gold record). Both the gold and the predicted outputs are read with
@@ -32,16 +33,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     io = parser.add_argument_group("input")
     io.add_argument("--gold", type=str, default="data/test.json",
                     help="data_helper's JSON Lines ({instruction, input, output}): the dialogues and gold answers")
-    io.add_argument("--pred", type=str, default="predictions.jsonl",
-                    help="predictions as JSON Lines with 'output' (the raw model text) and usually 'id'")
+    io.add_argument("--pred", type=str, nargs="+", default=["predictions.jsonl"],
+                    help="predictions as JSON Lines with 'output' (the raw model text) and usually 'id'; several "
+                         "files (e.g. fine-tuned, untuned, API) are scored side by side")
     out = parser.add_argument_group("output")
     out.add_argument("--report", type=str, default=None,
                      help="also write the report as JSON to this file (atomically); by default nothing is written")
     out.add_argument("--json", action="store_true", help="print only the report, as JSON, instead of the table")
     args = parser.parse_args(argv)
-    for flag, path in (("--gold", args.gold), ("--pred", args.pred)):
+    for flag, path in (("--gold", args.gold), *(("--pred", p) for p in args.pred)):
         if not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file")
+    if len(set(args.pred)) < len(args.pred):
+        parser.error("--pred names the same file twice")
     return args
 
 
@@ -49,14 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         gold_ids, golds = load_gold(args.gold)
-        preds = load_predictions(args.pred)
-        report = evaluate(golds, preds, gold_ids=gold_ids, gold_name=args.gold, pred_name=args.pred)
+        reports = {path: evaluate(golds, load_predictions(path), gold_ids=gold_ids, gold_name=args.gold,
+                                  pred_name=path) for path in args.pred}
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"evaluate.py: error: {e}") from None
+    # one file: its report; several: {file: report}
+    report = reports[args.pred[0]] if len(reports) == 1 else reports
     text = json.dumps(report, ensure_ascii=False, indent=2)
     if args.report:
         atomic_write_text(args.report, text + "\n")
-    print(text if args.json else format_table(report), flush=True)
+    if args.json:
+        print(text, flush=True)
+    else:
+        print(format_table(report) if len(reports) == 1 else format_comparison(reports), flush=True)
     return 0
 
 
@@ -250,6 +259,24 @@ def format_table(report: dict) -> str:
         lines.append(f"{_ljust(name, 10)} {scores['precision']:>9.4f} {scores['recall']:>9.4f} {scores['f1']:>9.4f}")
     lines.append(f"samples {report['n']} | JSON valid {report['json_valid_rate']:.4f} | "
                  f"exact match {report['exact_match']:.4f} | grounded {report['grounded_rate']:.4f}")
+    return "\n".join(lines)
+
+
+def format_comparison(reports: dict[str, dict]) -> str:
+    """F1 per field for several prediction files, one column each (columns numbered; the files listed below)."""
+    width = 9
+    names = [f"[{k + 1}]" for k in range(len(reports))]
+    lines = [f"{_ljust('F1', 10)} " + " ".join(f"{n:>{width}}" for n in names)]
+    for key in EXTRACT_KEYS:
+        lines.append(f"{_ljust(key, 10)} "
+                     + " ".join(f"{r['fields'][key]['f1']:>{width}.4f}" for r in reports.values()))
+    lines.append("-" * (11 + (width + 1) * len(reports)))
+    for label, pick in (("overall", lambda r: r["overall"]["f1"]),
+                        ("list micro", lambda r: r["list_fields_micro"]["f1"]),
+                        ("JSON valid", lambda r: r["json_valid_rate"]), ("exact", lambda r: r["exact_match"]),
+                        ("grounded", lambda r: r["grounded_rate"])):
+        lines.append(f"{_ljust(label, 10)} " + " ".join(f"{pick(r):>{width}.4f}" for r in reports.values()))
+    lines += [f"{n} {path} ({r['n']} samples)" for n, (path, r) in zip(names, reports.items())]
     return "\n".join(lines)
 
 

@@ -253,6 +253,31 @@ def test_cli_table(tmp_path, capsys):
     assert "samples 1 | JSON valid 0.0000 | exact match 0.0000 | grounded 1.0000" in out
 
 
+def test_cli_compares_several_prediction_files(tmp_path, capsys):
+    """Fine-tuned, untuned and API predictions side by side: one F1 column each, and {file: report} as JSON."""
+    gold_file, report_file = tmp_path / "test.json", tmp_path / "r.json"
+    golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
+    write_jsonl(gold_file, golds)
+    files = {"tuned.jsonl": [pred(GOLD_A, id=0), pred(GOLD_B, id=1)],
+             "base.jsonl": [pred("无法解析", id=0), pred(dict(GOLD_B, 现病史="咳嗽"), id=1)]}
+    for name, preds in files.items():
+        write_jsonl(tmp_path / name, preds)
+    paths = [str(tmp_path / name) for name in files]
+    assert ev.main(["--gold", str(gold_file), "--pred", *paths, "--report", str(report_file)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    with open(report_file, encoding="utf-8") as f:
+        saved = json.load(f)
+    assert list(saved) == paths
+    for path, preds in zip(paths, files.values()):
+        assert saved[path] == ev.evaluate(golds, preds)
+    f1 = {line.split()[0]: line.split()[1:] for line in out if line.split() and line.split()[0] in EXTRACT_KEYS}
+    assert f1["药品名称"] == ["1.0000", f"{saved[paths[1]]['fields']['药品名称']['f1']:.4f}"]
+    assert f"[1] {paths[0]} (2 samples)" in out and f"[2] {paths[1]} (2 samples)" in out
+    assert any(line.startswith("JSON valid") and line.split()[2:] == ["1.0000", "0.5000"] for line in out)
+    with pytest.raises(SystemExit):
+        ev.main(["--gold", str(gold_file), "--pred", paths[0], paths[0]])
+
+
 def test_cli_count_mismatch_names_both_files(tmp_path):
     gold_file, pred_file = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_jsonl(gold_file, [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)])
