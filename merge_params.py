@@ -124,8 +124,10 @@ def resolve_checkpoint(model_dir: str) -> str:
             best = json.load(f)["path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{best_file}: cannot read the best checkpoint's 'path' ({e})")
-    if not os.path.isdir(best):  # the run may have been moved: the same name inside model_dir
-        best = os.path.join(model_dir, os.path.basename(os.path.normpath(best)))
+    # The checkpoint of that name inside model_dir first: the recorded path may be relative to where train.py ran,
+    # or name the original of a copied run.
+    inside = os.path.join(model_dir, os.path.basename(os.path.normpath(best)))
+    best = inside if os.path.isdir(inside) else best
     print(f"{model_dir}: its best checkpoint is {best}")
     return best
 

@@ -18,6 +18,7 @@ because an extraction should not change from one run to the next.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -102,6 +103,8 @@ def fill_training_lengths(args: argparse.Namespace) -> None:
     writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
     path = os.path.join(args.model_path, "train_args.json")
     trained = {}
+    if args.max_len is not None and args.max_src_len is not None:
+        return
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -151,10 +154,21 @@ def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
     return device
 
 
+def model_fingerprint(model_path: str) -> str:
+    """Names, sizes and modification times of the weights and config.json: a model merged again into the same
+    directory, or replaced there, gets another fingerprint (cheap: no file is read)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_path)):
+        if name.endswith(".safetensors") or name == "config.json":
+            stat = os.stat(os.path.join(model_path, name))
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def run_settings(args: argparse.Namespace, device: torch.device) -> dict:
     """What decides the answers in a results file (the batch size and the device do not, in greedy fp32)."""
     sampling = {"top_p": args.top_p, "temperature": args.temperature, "seed": args.seed} if args.do_sample else {}
-    return {"model_path": os.path.abspath(args.model_path),
+    return {"model_path": os.path.realpath(args.model_path), "model_files": model_fingerprint(args.model_path),
             "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."), "max_new_tokens": args.max_tgt_len,
             "do_sample": args.do_sample, **sampling, "repetition_penalty": args.repetition_penalty,
             "max_len": args.max_len, "max_src_len": args.max_src_len}

@@ -523,7 +523,7 @@ def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
         if state.best is not None and state.best["step"] == state.global_step:
             atomic_write_text(os.path.join(ctx.args.output_dir, "best_checkpoint.json"), to_json(state.best))
         if ctx.args.save_total_limit:
-            prune_checkpoints(ctx.args.output_dir, ctx.args.save_total_limit, state.best)
+            prune_checkpoints(ctx.args.output_dir, ctx.args.save_total_limit, state.best, name)
         ctx.writer.flush()
 
 
@@ -578,16 +578,18 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
     dist.barrier()
 
 
-def prune_checkpoints(output_dir: str, keep: int, best: dict | None) -> list[str]:
-    """Delete all but the `keep` newest epoch-E-step-G checkpoints of output_dir, never the best one; returns the
-    names deleted. Called on rank 0 after a checkpoint is complete, so the newest one is always whole."""
+def prune_checkpoints(output_dir: str, keep: int, best: dict | None, saved: str) -> list[str]:
+    """Delete all but the `keep` newest epoch-E-step-G checkpoints of output_dir up to the one just `saved`, never
+    that one nor the best; returns the names deleted. Checkpoints past `saved` (from a run this one resumed before
+    the end of, or one started over with --overwrite_output_dir) are not this run's to judge and stay."""
+    current = int(CHECKPOINT_NAME.match(saved).group(2))
     steps = {}
     for name in os.listdir(output_dir):
         match = CHECKPOINT_NAME.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
+        if match and int(match.group(2)) <= current and os.path.isdir(os.path.join(output_dir, name)):
             steps[name] = int(match.group(2))
     newest = sorted(steps, key=steps.get, reverse=True)[:keep]
-    protected = set(newest) | ({os.path.basename(best["path"])} if best else set())
+    protected = {saved, *newest} | ({os.path.basename(best["path"])} if best else set())
     deleted = sorted((name for name in steps if name not in protected), key=steps.get)
     for name in deleted:
         shutil.rmtree(os.path.join(output_dir, name))
@@ -753,26 +755,45 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def check_output_dir_shared(output_dir: str, rank: int, world_size: int, device: torch.device) -> None:
+def check_output_dir_shared(output_dir: str, rank: int, world_size: int, device: torch.device,
+                            wait_s: float = 60.0) -> None:
     """Every rank writes its part of each checkpoint into output_dir and rank 0 renames the whole, so on several
-    machines output_dir must be one shared directory; a file rank 0 writes there must be visible to all ranks."""
+    machines output_dir must be one shared directory: a file rank 0 writes there must become visible to every rank
+    (within `wait_s`, which covers NFS's cache of a directory that did not exist a moment ago)."""
     if world_size == 1:
         return
-    marker = [os.path.join(output_dir, f".shared-check-{os.getpid()}-{time.time_ns()}")]
-    dist.broadcast_object_list(marker, src=0)
+    marker = os.path.join(output_dir, f".shared-check-{os.getpid()}-{time.time_ns()}")
+    shared = [marker, ""]  # rank 0's marker path, and its error if it cannot write there
     if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        atomic_write_text(marker[0], "")
-    dist.barrier()
-    seen = torch.tensor([1.0 if os.path.exists(marker[0]) else 0.0], device=device)
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            atomic_write_text(marker, "")
+        except OSError as e:
+            shared[1] = f"--output_dir {output_dir}: cannot write there ({e})"
+    dist.broadcast_object_list(shared, src=0)
+    marker, error = shared
+    if error:
+        raise SystemExit(f"train.py: error: {error}")
+    deadline = time.monotonic() + wait_s
+    while not visible(marker) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    seen = torch.tensor([1.0 if visible(marker) else 0.0], device=device)
     dist.all_reduce(seen)
     dist.barrier()
     if rank == 0:
-        os.remove(marker[0])
+        os.remove(marker)
     if seen.item() < world_size:
         raise SystemExit(f"train.py: error: --output_dir {output_dir}: {world_size - int(seen.item())} of "
                          f"{world_size} ranks cannot see files that rank 0 writes there; with several machines it "
                          f"must be on a filesystem they all share (NFS, Lustre, ...)")
+
+
+def visible(path: str) -> bool:
+    """Whether `path` exists, listing its directory first (a listing makes NFS look again)."""
+    try:
+        return os.path.basename(path) in os.listdir(os.path.dirname(path))
+    except OSError:
+        return False
 
 
 def free_port() -> int:

@@ -268,24 +268,24 @@ def load_done_ids(path: str) -> set[int]:
     number, so nothing already written is thrown away."""
     if not os.path.exists(path):
         return set()
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:  # bytes: a kill can also cut a multi-byte character in two
+        lines = f.read().splitlines(keepends=True)
     done: set[int] = set()
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
             done.add(int(record["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if lineno == len(lines) and not line.endswith("\n"):
-                atomic_write_text(path, "".join(lines[:-1]))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if lineno == len(lines) and not line.endswith(b"\n"):
+                atomic_write_text(path, b"".join(lines[:-1]).decode("utf-8"))
                 break
             raise ValueError(f"{path}:{lineno}: not a result record with an integer 'id'; fix or remove the line "
                              f"(or pass another output file)") from None
     else:
-        if lines and not lines[-1].endswith("\n"):  # whole but unterminated: end it, so appends start a new line
-            atomic_write_text(path, "".join(lines) + "\n")
+        if lines and not lines[-1].endswith(b"\n"):  # whole but unterminated: end it, so appends start a new line
+            atomic_write_text(path, b"".join(lines).decode("utf-8") + "\n")
     return done
 
 

@@ -78,12 +78,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_random_seed(args.seed)
     device = resolve_device(args.device)
     precision = train.resolve_precision(args.precision, device)
     if args.model_name_or_path is None:
         args.model_name_or_path = random_model(args)
     args.gradient_checkpointing = not args.no_gradient_checkpointing
+    set_random_seed(args.seed)  # here, so the LoRA init and dropout do not depend on whether the model was just built
     model = train.build_model(args, precision, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,12 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
             step_tokens += batch["input_ids"].numel()
-        for master, param in zip(masters, params):  # bf16: step the fp32 masters, copy them back (DeepSpeed's way)
-            master.grad, param.grad = param.grad.float(), None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for master, param in zip(masters, params):
-            param.data.copy_(master.data)
+        optimizer_step(optimizer, params, masters)
         sync(device)
         seconds = time.perf_counter() - start
         timed = step >= args.warmup_steps
@@ -166,6 +161,17 @@ def cast_like_deepspeed(model: torch.nn.Module, precision: str) -> list[torch.Te
         if param.dtype in (torch.float32, torch.float16):
             param.data = param.data.to(torch.bfloat16)
     return masters
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
+    """One AdamW step. With fp32 masters (bf16), DeepSpeed's way: the gradients move to the masters, the masters are
+    stepped, and the model's bf16 parameters are overwritten with them."""
+    for master, param in zip(masters, params):
+        master.grad, param.grad = param.grad.float(), None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for master, param in zip(masters, params):
+        param.data.copy_(master.data)
 
 
 def micro_batches(args: argparse.Namespace, device: torch.device):

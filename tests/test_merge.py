@@ -82,7 +82,8 @@ def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, tmp_path):
                            "--save_model_dir", str(tmp_path / "m")])
 
 
-def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ckpt, adapter_dir, tmp_path):
+def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ckpt, adapter_dir, tmp_path,
+                                                                          monkeypatch):
     """--model_dir <output_dir> merges the checkpoint best_checkpoint.json names (also after the run was moved); the
     run's train_args.json goes into the merged model, and predict.py truncates prompts with its lengths."""
     import shutil
@@ -93,8 +94,13 @@ def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ck
     shutil.copytree(adapter_dir, run / "epoch-1-step-2")
     (run / "epoch-1-step-2" / "train_args.json").write_text(
         json.dumps({"args": {"max_len": 512, "max_src_len": 300}, "world_size": 1}), encoding="utf-8")
-    moved_from = "/elsewhere/output_dir_qlora/epoch-1-step-2"  # the path as written before the run was moved
-    (run / "best_checkpoint.json").write_text(json.dumps({"path": moved_from, "step": 2, "ppl": 9.0}))
+    # the path as train.py wrote it, relative to where it ran; here, from the current directory, it names another
+    # run's checkpoint (a decoy), which must not be taken
+    decoy = tmp_path / "cwd" / "output_dir_qlora" / "epoch-1-step-2"
+    decoy.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    (run / "best_checkpoint.json").write_text(
+        json.dumps({"path": "./output_dir_qlora/epoch-1-step-2", "step": 2, "ppl": 9.0}))
     merged_dir = tmp_path / "merged"
     merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(run), "--save_model_dir", str(merged_dir),
                        "--device", "cpu", "--dtype", "bf16"])
@@ -111,6 +117,11 @@ def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ck
     assert (args.max_len, args.max_src_len) == (1024, 300)  # a flag given wins
     args = predict.parse_args(["--model_path", tiny_ckpt])  # no train_args.json: the chapter's lengths
     assert (args.max_len, args.max_src_len) == (2048, 1560)
+    (merged_dir / "train_args.json").write_text('{"args": {"max_len": 2048}}')  # unreadable lengths: both flags do
+    with pytest.raises(SystemExit, match="cannot read the training lengths"):
+        predict.parse_args(["--model_path", str(merged_dir)])
+    args = predict.parse_args(["--model_path", str(merged_dir), "--max_len", "1024", "--max_src_len", "500"])
+    assert (args.max_len, args.max_src_len) == (1024, 500)
 
 
 def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path):

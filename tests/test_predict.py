@@ -194,9 +194,12 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
 def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
     """A results file holds one run's answers: resuming it with another model, decoding or truncation stops before
     anything is generated; the same settings (any batch size) resume."""
-    inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    import shutil
+
+    inputs, out, model = tmp_path / "test.json", tmp_path / "pred.jsonl", tmp_path / "model"
+    shutil.copytree(tiny_ckpt, model)
     write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
-    argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
+    argv = ["--model_path", str(model), "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
             "--max_tgt_len", "2"]
     assert predict.main(argv) == 0
     with open(str(out) + ".settings.json", encoding="utf-8") as f:
@@ -208,8 +211,12 @@ def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
                             (["--max_src_len", "100"], "max_src_len 1560 -> 100")):
         with pytest.raises(SystemExit, match=f"pred.jsonl was begun with other settings \\({expected}\\)"):
             predict.main(argv + extra)  # the later flag wins
-    assert out.read_text(encoding="utf-8") == before
     assert predict.main(argv + ["--batch_size", "1"]) == 0  # same settings: resumes (nothing left to do)
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # merged again there
+    with pytest.raises(SystemExit, match=r"pred.jsonl was begun with other settings \(model_files '"):
+        predict.main(argv)
+    assert out.read_text(encoding="utf-8") == before
 
 
 def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
@@ -219,6 +226,10 @@ def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
     path.write_text('{"id": 0, "output": "a"}\n\n{"id": 2, "output": "c"}\n{"id": 5, "out', encoding="utf-8")
     assert load_done_ids(str(path)) == {0, 2}
     assert path.read_text(encoding="utf-8") == '{"id": 0, "output": "a"}\n\n{"id": 2, "output": "c"}\n'
+    cut = '{"id": 0, "output": "布洛芬"}\n{"id": 1, "output": "布洛芬"}'.encode("utf-8")[:-4]  # mid-character
+    path.write_bytes(cut)
+    assert load_done_ids(str(path)) == {0}
+    assert path.read_text(encoding="utf-8") == '{"id": 0, "output": "布洛芬"}\n'
     path.write_text('{"id": 0, "output": "a"}\n{"id": 1, "output": "b"}', encoding="utf-8")  # whole, unterminated
     assert load_done_ids(str(path)) == {0, 1}
     assert path.read_text(encoding="utf-8").endswith('"b"}\n')  # the next append starts a line of its own

@@ -235,12 +235,18 @@ def test_prune_checkpoints_keeps_the_newest_and_the_best(tmp_path):
     (tmp_path / "tensorboard").mkdir()
     (tmp_path / "epoch-9-step-99").write_text("a file, not a checkpoint")
     best = {"path": str(tmp_path / "epoch-1-step-9"), "step": 9, "ppl": 1.5}
-    deleted = train.prune_checkpoints(str(tmp_path), keep=2, best=best)
+    deleted = train.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20")
     assert deleted == ["epoch-1-step-1", "epoch-2-step-10"]  # ordered by step, not by name
     assert sorted(os.listdir(tmp_path)) == ["epoch-1-step-9", "epoch-2-step-11", "epoch-3-step-20", "epoch-9-step-99",
                                             "tensorboard"]
-    assert train.prune_checkpoints(str(tmp_path), keep=2, best=best) == []
-    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None) == ["epoch-1-step-9", "epoch-2-step-11"]
+    assert train.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20") == []
+    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-3-step-20") == [
+        "epoch-1-step-9", "epoch-2-step-11"]
+    # resumed from an earlier step than an abandoned run reached: the abandoned run's later checkpoint stays, and the
+    # checkpoint just saved is kept whatever the step numbers around it
+    (tmp_path / "epoch-1-step-5").mkdir()
+    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-1-step-5") == []
+    assert sorted(os.listdir(tmp_path)) == ["epoch-1-step-5", "epoch-3-step-20", "epoch-9-step-99", "tensorboard"]
 
 
 def test_output_dir_not_shared_by_all_ranks_is_refused(tmp_path, monkeypatch):
@@ -251,8 +257,12 @@ def test_output_dir_not_shared_by_all_ranks_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(train.dist, "all_reduce", lambda tensor: None)
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"--output_dir .*out: 1 of 2 ranks cannot see files that rank 0 writes"):
-        train.check_output_dir_shared(str(out), rank=0, world_size=2, device=torch.device("cpu"))
+        train.check_output_dir_shared(str(out), rank=0, world_size=2, device=torch.device("cpu"), wait_s=0.0)
     assert os.listdir(out) == []  # the marker is removed
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match=r"--output_dir .*a_file/out: cannot write there"):
+        train.check_output_dir_shared(str(blocker / "out"), rank=0, world_size=2, device=torch.device("cpu"))
     train.check_output_dir_shared(str(tmp_path / "single"), rank=0, world_size=1, device=torch.device("cpu"))
     assert not os.path.exists(tmp_path / "single")  # one process: nothing to check
 
