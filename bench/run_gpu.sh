@@ -16,8 +16,8 @@ TRAIN_OUT=${TRAIN_OUT:-bench/gpu_train_run}  # train.py's checkpoints (about 0.2
 MODEL=bench/tiny_qwen_h2048_l24_a16_i11008_s1234_bfloat16  # what bench_train --real_shape builds (seed 1234)
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(train_synthetic train_real predict trainpy)
-mkdir -p "$OUT_DIR"
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/run_gpu.sh: no CUDA GPU')"
+mkdir -p "$OUT_DIR"
 [ -f data/train.json ] && [ -f data/test.json ] || "$PYTHON" data_helper.py
 
 run() {  # run STEP COMMAND...: log to $OUT_DIR/STEP.log, keep the JSON result line
