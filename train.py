@@ -450,7 +450,7 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> N
         is_boundary = micro_index + 1 == micro_index // plan.gas * plan.gas + window
         # We own the boundary so each epoch's last, shorter window is applied in this epoch, not leaked into the next.
         engine.set_gradient_accumulation_boundary(is_boundary)
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        batch = model_inputs(batch, ctx.device)
         loss = engine(**batch, use_cache=False, skip_logits=True).loss  # no (B, T, vocab) logits needed
         engine.backward(loss / window, scale_wrt_gas=False)  # the mean over the window, however long it is
         lr = engine.get_lr()[0]  # the lr this step applies (the scheduler moves inside step())
@@ -484,13 +484,21 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> N
     bar.close()
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The collated batch on `device`, without its attention mask. The collator pads on the right, so under causal
+    attention no real token can see a pad, and pads carry no labels: the loss and gradients are exactly those with the
+    mask, while SDPA gets plain causal attention (is_causal, which its flash kernels take) instead of an explicit mask.
+    tests/test_qwen_model.py checks the equality."""
+    return {k: v.to(device) for k, v in batch.items() if k != "attention_mask"}
+
+
 @torch.no_grad()
 def evaluate(engine, loader: DataLoader, device: torch.device) -> float:
     """Token-weighted test perplexity: exp(sum of token NLL / number of label tokens), summed over all ranks."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (NLL sum, label tokens)
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = model_inputs(batch, device)
         n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model predicts token t+1 at position t
         if n_tokens == 0:
             continue

@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="turn off activation checkpointing (the chapter uses it)")
     model.add_argument("--full_logits", action="store_true",
                        help="compute the (B, T, vocab) logits as the chapter did, instead of the labelled rows only")
+    model.add_argument("--attention_mask", action="store_true",
+                       help="pass the collator's attention mask (an explicit SDPA mask) instead of train.py's plain "
+                            "causal attention; the same loss either way")
 
     lora = parser.add_argument_group("LoRA (train.py's flags and defaults)")
     lora.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
@@ -135,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "lora_alpha": args.lora_alpha, "gradient_checkpointing": args.gradient_checkpointing,
                      "micro_batch": args.per_device_train_batch_size, "gradient_accumulation_steps": micro,
                      "data": args.train_path or f"synthetic {args.seq_len} tokens, {args.label_len} labelled",
-                     "timed_steps": args.steps, "warmup_steps": args.warmup_steps},
+                     "timed_steps": args.steps, "warmup_steps": args.warmup_steps,
+                     "full_logits": args.full_logits, "attention_mask": args.attention_mask},
         "seconds_per_optimizer_step": round(per_step, 3),
         "seconds_per_micro_batch": round(per_step / micro, 3),
         "tokens_per_s": round(tokens / total, 1),
@@ -185,14 +189,19 @@ def micro_batches(args: argparse.Namespace, device: torch.device):
             order = torch.randperm(len(dataset), generator=generator).tolist()
             for start in range(0, len(order) - args.per_device_train_batch_size + 1, args.per_device_train_batch_size):
                 batch = collate([dataset[i] for i in order[start:start + args.per_device_train_batch_size]])
-                yield {k: v.to(device) for k, v in batch.items()}
+                yield batch_inputs(batch, device, args.attention_mask)
     generator = torch.Generator().manual_seed(args.seed)
     while True:
         input_ids = torch.randint(0, 151643, (args.per_device_train_batch_size, args.seq_len), generator=generator)
         labels = input_ids.clone()
         labels[:, :-args.label_len] = IGNORE_INDEX
-        yield {"input_ids": input_ids.to(device), "labels": labels.to(device),
-               "attention_mask": torch.ones_like(input_ids).to(device)}
+        yield batch_inputs({"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)},
+                           device, args.attention_mask)
+
+
+def batch_inputs(batch: dict, device: torch.device, attention_mask: bool) -> dict:
+    """As train.py feeds the model (no mask: right padding under causal attention needs none), or with the mask."""
+    return {k: v.to(device) for k, v in batch.items()} if attention_mask else train.model_inputs(batch, device)
 
 
 if __name__ == "__main__":

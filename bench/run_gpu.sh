@@ -6,6 +6,7 @@
 #   PYTHON=python3 OUT_DIR=/tmp/b bash bench/run_gpu.sh train_synthetic predict
 #
 # Steps: train_synthetic (bench_train, 2 x 2,048 tokens), train_real (bench_train on data/train.json),
+# train_real_mask (the same with the explicit attention mask: the before of dropping it),
 # predict (bench_predict, 50 test dialogues, 128 new tokens, batches 8/16/32), trainpy (train.py itself under the
 # deepspeed launcher on one GPU, 20 optimizer steps of the chapter's command, for s/step and peak memory).
 set -euo pipefail
@@ -15,7 +16,7 @@ OUT_DIR=${OUT_DIR:-bench/gpu_out}
 TRAIN_OUT=${TRAIN_OUT:-bench/gpu_train_run}  # train.py's checkpoints (about 0.25 GB each)
 MODEL=bench/tiny_qwen_h2048_l24_a16_i11008_s1234_bfloat16  # what bench_train --real_shape builds (seed 1234)
 STEPS=("$@")
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(train_synthetic train_real predict trainpy)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(train_synthetic train_real train_real_mask predict trainpy)
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/run_gpu.sh: no CUDA GPU')"
 mkdir -p "$OUT_DIR"
 [ -f data/train.json ] && [ -f data/test.json ] || "$PYTHON" data_helper.py
@@ -33,6 +34,9 @@ for step in "${STEPS[@]}"; do
     case $step in
     train_synthetic) run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda ;;
     train_real) run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda --train_path data/train.json ;;
+    train_real_mask)
+        run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda --train_path data/train.json \
+            --attention_mask ;;
     predict)
         [ -f "$MODEL/config.json" ] || "$PYTHON" bench/bench_train.py --real_shape --device cuda --steps 1
         run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 128 \
@@ -46,7 +50,8 @@ for step in "${STEPS[@]}"; do
             --lora_alpha 64 --save_model_step 10 --lora_dropout 0.1 --gradient_checkpointing \
             --ds_file ds_zero2_no_offload.json --is_skip --stop_after_steps 20 \
             --output_dir "$TRAIN_OUT" --overwrite_output_dir ;;
-    *) echo "bench/run_gpu.sh: unknown step '$step' (train_synthetic, train_real, predict, trainpy)" >&2; exit 2 ;;
+    *) echo "bench/run_gpu.sh: unknown step '$step' (train_synthetic, train_real, train_real_mask, predict," \
+        "trainpy)" >&2; exit 2 ;;
     esac
 done
 echo "==> results: $OUT_DIR/results.jsonl"

@@ -204,6 +204,31 @@ def test_right_padding_does_not_change_real_positions(model):
     assert torch.allclose(alone, together, atol=1e-5)
 
 
+def test_right_padded_training_batch_needs_no_mask(tiny_ckpt, tokenizer):
+    """train.py drops the collator's attention mask (train.model_inputs): with right padding and causal attention the
+    loss and every gradient are the same as with the mask (to float rounding; bit for bit on this CPU)."""
+    import train
+    from utils import DataCollator
+
+    model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()  # eval: no dropout
+    long_ids = list(range(1000, 1040))
+    items = [{"input_ids": long_ids, "labels": [-100] * 30 + long_ids[30:]},
+             {"input_ids": long_ids[:23], "labels": [-100] * 15 + long_ids[15:23]}]
+    batch = DataCollator(tokenizer)(items)
+    assert batch["attention_mask"][1].tolist().count(0) == 40 - 23  # really padded
+    results = []
+    for inputs in (dict(batch), train.model_inputs(batch, torch.device("cpu"))):
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, use_cache=False, skip_logits=True).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert "attention_mask" not in train.model_inputs(batch, torch.device("cpu"))
+    (loss_mask, grads_mask), (loss_plain, grads_plain) = results
+    torch.testing.assert_close(loss_plain, loss_mask, rtol=0, atol=1e-6)
+    for a, b in zip(grads_plain, grads_mask):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ---- generation ------------------------------------------------------------------------------------------------
 
 
