@@ -26,7 +26,7 @@ import tempfile
 
 import torch
 
-from utils import build_chatml_ids, resolve_device
+from utils import build_chatml_ids, load_tokenizer, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # predict.py's spellings too
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from qwen1_8.modeling_qwen import QWenLMHeadModel
 
-    tokenizer = load_tokenizer(args.model_dir, args.ori_model_dir)
+    tokenizer = checkpoint_tokenizer(args.model_dir, args.ori_model_dir)
     base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
     # torch_device: peft would otherwise read the adapter onto cuda:0 whatever --device says
     model = PeftModel.from_pretrained(base, args.model_dir, torch_device=str(device)).eval()
@@ -143,14 +143,9 @@ def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(model_dir: str, ori_model_dir: str):
+def checkpoint_tokenizer(model_dir: str, ori_model_dir: str):
     """The checkpoint's own tokenizer files (train.py saves them), else the base's."""
-    from qwen1_8.tokenization_qwen import QWenTokenizer
-
-    source = model_dir if os.path.isfile(os.path.join(model_dir, "qwen.tiktoken")) else ori_model_dir
-    tokenizer = QWenTokenizer.from_pretrained(source)
-    tokenizer.pad_token_id = tokenizer.eod_id
-    return tokenizer
+    return load_tokenizer(model_dir if os.path.isfile(os.path.join(model_dir, "qwen.tiktoken")) else ori_model_dir)
 
 
 def probe_input(tokenizer, device: torch.device) -> torch.Tensor:

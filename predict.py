@@ -32,7 +32,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, check_run_settings, iter_jsonl, load_done_ids,
-                   native_bf16, parse_output, resolve_device, set_random_seed)
+                   load_tokenizer, native_bf16, parse_output, resolve_device, set_random_seed)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
@@ -190,11 +190,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype):
     """The model in eval mode on `device`, and its tokenizer with the pad id set to `<|endoftext|>`."""
     from qwen1_8.modeling_qwen import QWenLMHeadModel
-    from qwen1_8.tokenization_qwen import QWenTokenizer
 
-    tokenizer = QWenTokenizer.from_pretrained(model_path)
-    # Qwen has no pad token; <|endoftext|> is never inside a prompt and is masked out by the attention mask.
-    tokenizer.pad_token_id = tokenizer.eod_id
+    tokenizer = load_tokenizer(model_path)
     model = QWenLMHeadModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
     return model, tokenizer
 

@@ -48,8 +48,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from utils import (IGNORE_INDEX, DataCollator, QwenPromptDataSet, atomic_write_text, print_rank_0,
-                   native_bf16, set_random_seed)
+from utils import (IGNORE_INDEX, DataCollator, QwenPromptDataSet, atomic_write_text, load_tokenizer, native_bf16,
+                   print_rank_0, set_random_seed)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -247,14 +247,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def load_tokenizer(model_dir: str):
-    from qwen1_8.tokenization_qwen import QWenTokenizer
-
-    tokenizer = QWenTokenizer.from_pretrained(model_dir)
-    tokenizer.pad_token_id = tokenizer.eod_id  # Qwen has no pad token; padding is masked out of the loss anyway
-    return tokenizer
 
 
 def build_datasets(args: argparse.Namespace, tokenizer, rank: int):

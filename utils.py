@@ -378,6 +378,16 @@ class DataCollator:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def load_tokenizer(model_dir: str):
+    """The Qwen tokenizer of a checkpoint directory, with <|endoftext|> as its pad id: Qwen defines no pad token,
+    and padding is masked out (prediction) or carries no labels and sits after every real token (training)."""
+    from qwen1_8.tokenization_qwen import QWenTokenizer
+
+    tokenizer = QWenTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token_id = tokenizer.eod_id
+    return tokenizer
+
+
 def set_random_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -30,7 +30,8 @@ if ROOT not in sys.path:
 
 import train  # noqa: E402
 from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync  # noqa: E402
-from utils import DataCollator, IGNORE_INDEX, QwenPromptDataSet, resolve_device, set_random_seed  # noqa: E402
+from utils import (DataCollator, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer, resolve_device,  # noqa: E402
+                   set_random_seed)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,7 +182,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
 def micro_batches(args: argparse.Namespace, device: torch.device):
     """An endless stream of micro-batches: real ones from --train_path, or random tokens of --seq_len."""
     if args.train_path:
-        tokenizer = train.load_tokenizer(args.model_name_or_path)
+        tokenizer = load_tokenizer(args.model_name_or_path)
         dataset = QwenPromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len, is_skip=True)
         collate = DataCollator(tokenizer)
         generator = torch.Generator().manual_seed(args.seed)
