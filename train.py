@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="longest user block (instruction + dialogue) in tokens; must be below --max_len")
     data.add_argument("--is_skip", action="store_true",
                       help="drop training samples that had to be truncated (the test set is always kept whole)")
+    data.add_argument("--group_by_length", action="store_true",
+                      help="put samples of similar length in each micro-batch (seeded, a new grouping each epoch): "
+                           "less padding to compute; off = the chapter's plain shuffle")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default="Qwen-1_8-chat",
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     state = TrainState()
     if args.resume_from_checkpoint:
-        state = resume(engine, args.resume_from_checkpoint, plan, world_size, rank)
+        state = resume(engine, args.resume_from_checkpoint, plan, world_size, rank, args.group_by_length)
     set_random_seed(args.seed + rank)  # dropout differs across ranks; a resume restores the saved streams below
     if args.resume_from_checkpoint:
         set_rng_state(read_json(os.path.join(args.resume_from_checkpoint, f"rng_state_rank{rank}.json")))
@@ -263,21 +266,47 @@ def build_datasets(args: argparse.Namespace, tokenizer, rank: int):
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the same batches."""
+    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the same batches, and can
+    group samples of similar length into micro-batches (`lengths` set)."""
 
     skip = 0  # samples of this rank's share already consumed in the current epoch
+    lengths: list[int] | None = None  # token count of each sample, for grouping by length
+    batch_size = 1  # the micro-batch size, for grouping by length
+    GROUP_SPAN = 50  # optimizer-step-sized chunks per sorted block
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        order = list(super().__iter__()) if self.lengths is None else self.grouped_by_length()
+        return iter(order[self.skip:])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+    def grouped_by_length(self) -> list[int]:
+        """This rank's share of the epoch. The epoch's seeded shuffle (padded to equal shares, as the plain sampler
+        does) is cut into blocks, each block sorted by length and cut into chunks of one micro-batch per rank, and the
+        full chunks are shuffled; each rank takes every num_replicas-th sample of each chunk, so a micro-batch holds
+        samples of similar length. The short last chunk, if any, stays last."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        indices = torch.randperm(len(self.dataset), generator=generator).tolist()
+        indices += (indices * math.ceil(self.total_size / len(indices)))[:self.total_size - len(indices)]
+        width = self.batch_size * self.num_replicas
+        chunks = []
+        for start in range(0, len(indices), width * self.GROUP_SPAN):
+            block = sorted(indices[start:start + width * self.GROUP_SPAN], key=lambda i: -self.lengths[i])
+            chunks += [block[k:k + width] for k in range(0, len(block), width)]
+        short = [chunks.pop()] if len(chunks[-1]) < width else []
+        chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=generator).tolist()] + short
+        return [i for chunk in chunks for i in chunk[self.rank::self.num_replicas]]
 
 
 def build_dataloaders(args: argparse.Namespace, train_set, test_set, tokenizer, rank: int, world_size: int):
     collator = DataCollator(tokenizer)
     train_sampler = ResumableDistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
                                                 seed=args.seed)
+    if args.group_by_length:
+        train_sampler.lengths = [len(item["input_ids"]) for item in train_set]
+        train_sampler.batch_size = args.per_device_train_batch_size
     # Private generators keep the loaders from drawing a seed from the global RNG each time they are iterated:
     # dropout then depends only on the steps taken, not on when evaluations happened, and a resume is exact.
     train_loader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, sampler=train_sampler,
@@ -598,7 +627,8 @@ def prune_checkpoints(output_dir: str, keep: int, best: dict | None, saved: str)
     return deleted
 
 
-def resume(engine, checkpoint: str, plan: StepPlan, world_size: int, rank: int) -> TrainState:
+def resume(engine, checkpoint: str, plan: StepPlan, world_size: int, rank: int,
+           group_by_length: bool = False) -> TrainState:
     saved = read_json(os.path.join(checkpoint, "trainer_state.json"))
     saved_plan = StepPlan(**saved.pop("plan"))
     saved_world = saved.pop("world_size")
@@ -607,6 +637,10 @@ def resume(engine, checkpoint: str, plan: StepPlan, world_size: int, rank: int) 
     if saved_plan != plan:
         fail(f"{checkpoint} was taken with a different step plan {asdict(saved_plan)}; now {asdict(plan)} "
              f"(same data, batch size, accumulation, epochs and warmup are needed to resume)")
+    saved_args = read_json(os.path.join(checkpoint, "train_args.json")).get("args", {})
+    if bool(saved_args.get("group_by_length")) != group_by_length:
+        fail(f"{checkpoint} was taken with{'' if saved_args.get('group_by_length') else 'out'} --group_by_length; "
+             f"resume it the same way (it decides the order of the samples)")
     load_path, _ = engine.load_checkpoint(os.path.join(checkpoint, DS_STATE_DIR), tag=DS_STATE_TAG,
                                           load_module_strict=False)  # strict=False: only the adapter was saved
     if load_path is None:

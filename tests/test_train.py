@@ -165,6 +165,10 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     for key in ("epoch", "micro_in_epoch", "global_step"):
         assert state_a[key] == state_b[key], key
     assert state_a["history"]["train"] == state_b["history"]["train"]  # the same losses and lrs, step by step
+    # the sample order depends on --group_by_length: a resume that changes it is refused before anything loads
+    saved_plan = train.StepPlan(**read_json(os.path.join(final_a, "trainer_state.json"))["plan"])
+    with pytest.raises(SystemExit, match="was taken without --group_by_length; resume it the same way"):
+        train.resume(None, final_a, saved_plan, world_size=1, rank=0, group_by_length=True)
     ppl_a = dict(state_a["history"]["eval"])
     assert all(ppl_a[step] == ppl for step, ppl in state_b["history"]["eval"])  # evaluated every 2 steps here
 
@@ -175,7 +179,7 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     cmd = [launcher] if os.path.exists(launcher) else [sys.executable, "-m", "deepspeed.launcher.runner"]
     # 6 samples per rank, batch 2 -> 3 micro-batches per epoch in windows of 2 and 1 -> 2 steps per epoch
     log = run([*cmd, "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
-               *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", save_model_step=0,
+               *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", "group_by_length", save_model_step=0,
                       gradient_accumulation_steps=2, save_total_limit=1)])
     lines = STEP_LINE.findall(log)
     assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # printed by rank 0 only
@@ -284,6 +288,41 @@ def test_each_epoch_has_a_new_order_that_the_ranks_split(tokenizer, data_dir):
     sampler.set_epoch(2)
     sampler.skip = 4  # a resume 2 micro-batches into epoch 2 continues with the rest of the same order
     assert list(sampler) == orders[2][0][4:] and len(sampler) == 2
+
+
+def test_group_by_length_fills_micro_batches_with_similar_lengths():
+    lengths = [int(x) for x in torch.randint(500, 1300, (37,), generator=torch.Generator().manual_seed(0))]
+    dataset = list(range(37))
+
+    def shares(epoch, grouped, world_size=2, batch_size=2):
+        out = []
+        for rank in range(world_size):
+            sampler = train.ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                        seed=1234)
+            if grouped:
+                sampler.lengths, sampler.batch_size = lengths, batch_size
+            sampler.set_epoch(epoch)
+            out.append(list(sampler))
+        return out
+
+    def padded_share(share_lists, batch_size=2):
+        batches = [s[k:k + batch_size] for s in share_lists for k in range(0, len(s), batch_size)]
+        computed = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths[i] for b in batches for i in b) / computed
+
+    for epoch in (1, 2):
+        grouped = shares(epoch, True)
+        assert [len(s) for s in grouped] == [19, 19]  # equal shares, padded with repeats as the plain sampler does
+        assert set(grouped[0]) | set(grouped[1]) == set(dataset)
+        assert sorted(grouped[0] + grouped[1]) == sorted(shares(epoch, False)[0] + shares(epoch, False)[1])
+        assert padded_share(grouped) < padded_share(shares(epoch, False)) / 3
+        assert shares(epoch, True) == grouped  # seeded: every rank and every resume computes the same
+    assert shares(1, True) != shares(2, True)
+    sampler = train.ResumableDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=1234)
+    sampler.lengths, sampler.batch_size = lengths, 2
+    sampler.set_epoch(2)
+    sampler.skip = 6
+    assert list(sampler) == shares(2, True)[1][6:] and len(sampler) == 13
 
 
 def test_test_perplexity_is_token_weighted_whatever_the_batch_size(tiny_ckpt, tokenizer, tmp_path, monkeypatch):
