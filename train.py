@@ -506,9 +506,10 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> N
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
-    """The collated batch on `device`, without its attention mask. The collator pads on the right, so under causal
-    attention no real token can see a pad, and pads carry no labels: the loss and gradients are exactly those with the
-    mask, while SDPA gets plain causal attention (is_causal, which its flash kernels take) instead of an explicit mask.
+    """A collated training batch on `device`, without its attention mask. The collator pads on the right, so under
+    causal attention no real token can see a pad, and pads carry no labels; in training mode the model applies no
+    length-dependent NTK or logN scaling. So the loss and gradients are exactly those with the mask, while SDPA gets
+    plain causal attention (is_causal, which its flash kernels take) instead of an explicit mask.
     tests/test_qwen_model.py checks the equality."""
     return {k: v.to(device) for k, v in batch.items() if k != "attention_mask"}
 
@@ -519,7 +520,8 @@ def evaluate(engine, loader: DataLoader, device: torch.device) -> float:
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (NLL sum, label tokens)
     for batch in loader:
-        batch = model_inputs(batch, device)
+        # with the mask: in eval mode a sample longer than seq_length gets dynamic NTK from its own length
+        batch = {k: v.to(device) for k, v in batch.items()}
         n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # the model predicts token t+1 at position t
         if n_tokens == 0:
             continue

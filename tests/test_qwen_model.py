@@ -210,7 +210,7 @@ def test_right_padded_training_batch_needs_no_mask(tiny_ckpt, tokenizer):
     import train
     from utils import DataCollator
 
-    model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()  # eval: no dropout
+    model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).train()  # Qwen has no dropout
     long_ids = list(range(1000, 1040))
     items = [{"input_ids": long_ids, "labels": [-100] * 30 + long_ids[30:]},
              {"input_ids": long_ids[:23], "labels": [-100] * 15 + long_ids[15:23]}]
