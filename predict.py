@@ -101,10 +101,10 @@ def check_args(args: argparse.Namespace) -> None:
 def fill_training_lengths(args: argparse.Namespace) -> None:
     """--max_len / --max_src_len not given: the values the model was trained with (train_args.json, which train.py
     writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
-    path = os.path.join(args.model_path, "train_args.json")
-    trained = {}
     if args.max_len is not None and args.max_src_len is not None:
         return
+    path = os.path.join(args.model_path, "train_args.json")
+    trained = {}
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
