@@ -122,11 +122,7 @@ def fill_training_lengths(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    set_random_seed(args.seed)
-    device = check_inputs(args, "predict.py")
-    model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
-    generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
-                                                args.temperature, args.repetition_penalty)
+    model, tokenizer, generation_config = prepare(args, "predict.py")
     if args.input_file is None:
         def answer(dialogue: str) -> str:
             ids = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, args.max_len, args.max_src_len)
@@ -138,6 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
                  args.max_len, args.max_src_len)
     return 0
+
+
+def prepare(args: argparse.Namespace, prog: str):
+    """(model, tokenizer, generation config) from the flags, after the inputs were checked; test_qwen.py too."""
+    set_random_seed(args.seed)
+    device = check_inputs(args, prog)
+    model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
+    generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
+                                                args.temperature, args.repetition_penalty)
+    return model, tokenizer, generation_config
 
 
 def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:

@@ -18,9 +18,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from predict import (build_arg_parser, build_generation_config, check_args, check_inputs, interactive, load_model,
-                     predict_file, resolve_dtype, show_answer)
-from utils import INSTRUCTION, SYSTEM_PROMPT, set_random_seed
+from predict import build_arg_parser, check_args, interactive, predict_file, prepare, show_answer
+from utils import INSTRUCTION, SYSTEM_PROMPT
 
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
@@ -33,11 +32,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    set_random_seed(args.seed)
-    device = check_inputs(args, "test_qwen.py")
-    model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
-    generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
-                                                args.temperature, args.repetition_penalty)
+    model, tokenizer, generation_config = prepare(args, "test_qwen.py")
     if args.input_file is None:
         def answer(dialogue: str) -> str:
             response, _ = model.chat(tokenizer, INSTRUCTION + dialogue, history=None, system=SYSTEM_PROMPT,

@@ -82,10 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute activations in the backward pass to save memory")
 
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
-    lora.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha / r")
-    lora.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    add_lora_args(parser.add_argument_group("LoRA"))
 
     optim = parser.add_argument_group("optimisation (filled into the DeepSpeed JSON's \"auto\" fields)")
     optim.add_argument("--per_device_train_batch_size", type=int, default=2, help="micro-batch size per rank")
@@ -122,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "spans all epochs); 0 = run to the end")
     run.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK wins")
     return parser.parse_args(argv)
+
+
+def add_lora_args(group) -> None:
+    """The LoRA flags, shared with bench/bench_train.py so both build the same adapter."""
+    group.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
+    group.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha; the update is scaled by alpha / r")
+    group.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
 
 
 def log_rank_0(message: str, rank: int = 0) -> None:

@@ -48,10 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="pass the collator's attention mask (an explicit SDPA mask) instead of train.py's plain "
                             "causal attention; the same loss either way")
 
-    lora = parser.add_argument_group("LoRA (train.py's flags and defaults)")
-    lora.add_argument("--lora_dim", type=int, default=16, help="LoRA rank r")
-    lora.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha")
-    lora.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    train.add_lora_args(parser.add_argument_group("LoRA (train.py's flags and defaults)"))
 
     work = parser.add_argument_group("workload")
     work.add_argument("--per_device_train_batch_size", type=int, default=2, help="micro-batch size")
