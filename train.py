@@ -30,6 +30,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -792,7 +793,22 @@ def init_distributed() -> tuple[int, int, torch.device]:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    if device.type == "cpu":
+        unlink_cpu_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def unlink_cpu_allreduce_buffer() -> None:
+    """DeepSpeed's CPU accelerator gives each rank of a one-machine group a 69 MB shared-memory allreduce buffer,
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never unlinks it: every CPU
+    run, even one killed, would leave its buffers in RAM until the machine reboots. Its init maps every peer's buffer
+    before it returns, so once all ranks are past it (the barrier) each rank removes its own name; the mappings live
+    on until the process exits."""
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):  # the op was not built, or the ranks span machines
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def check_output_dir_shared(output_dir: str, rank: int, world_size: int, device: torch.device,

@@ -5,6 +5,7 @@ parameter count at the real 1.8B shape, and the bad-input errors.
 The runs are subprocesses, exactly as a user starts them (`python train.py ...`, `deepspeed --num_gpus 2 train.py ...`).
 The samples use a short instruction so sequences are ~110 tokens and each run takes seconds.
 """
+import glob
 import json
 import math
 import os
@@ -178,7 +179,8 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [launcher] if os.path.exists(launcher) else [sys.executable, "-m", "deepspeed.launcher.runner"]
     # 6 samples per rank, batch 2 -> 3 micro-batches per epoch in windows of 2 and 1 -> 2 steps per epoch
-    log = run([*cmd, "--num_gpus", "2", "--master_port", str(free_port()), "train.py",
+    port = free_port()
+    log = run([*cmd, "--num_gpus", "2", "--master_port", str(port), "train.py",
                *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", "group_by_length", save_model_step=0,
                       gradient_accumulation_steps=2, save_total_limit=1)])
     lines = STEP_LINE.findall(log)
@@ -195,6 +197,9 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # optimizer state partitioned
     assert os.path.isfile(os.path.join(out, "epoch-2-step-4", "adapter_model.safetensors"))
     assert os.path.isfile(os.path.join(out, "train_loss.png")) and os.path.isfile(os.path.join(out, "test_ppl.png"))
+    # DeepSpeed's CPU allreduce buffers (69 MB of RAM per rank) were created and are not left behind in /dev/shm
+    assert "ShareMemCommBuilder" in log or "shm_comm" in log
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
