@@ -6,7 +6,8 @@ predict.py takes the training lengths) that loads with our qwen1_8 classes.
         --save_model_dir output_dir_qlora/merged
 
 --model_dir is a checkpoint (output_dir_qlora/epoch-3-step-909) or a run's output_dir, which stands for the best
-checkpoint its best_checkpoint.json names.
+checkpoint its best_checkpoint.json names. Without --ori_model_dir the base is the one the adapter names in its
+adapter_config.json (train.py's --model_name_or_path, relative to where it ran).
 
 W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype, never to a 4-bit copy. The default is the base
 config's dtype: bfloat16 for the published Qwen-1.8B-Chat, which rounds part of a small update away, as serving in
@@ -39,8 +40,9 @@ PROBE = "患者：孩子咳嗽三天了，有点发烧。\n医生：可以吃点
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     paths = parser.add_argument_group("paths")
-    paths.add_argument("--ori_model_dir", default="Qwen-1_8-chat",
-                       help="the base checkpoint the adapter was trained on")
+    paths.add_argument("--ori_model_dir", default=None,
+                       help="the base checkpoint the adapter was trained on; default: the one its "
+                            "adapter_config.json names (train.py's --model_name_or_path)")
     paths.add_argument("--model_dir", default="output_dir_qlora",
                        help="a train.py checkpoint (adapter_config.json + adapter_model.safetensors), or a run's "
                             "output_dir: its best checkpoint (best_checkpoint.json)")
@@ -98,13 +100,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     args.model_dir = resolve_checkpoint(args.model_dir)
-    if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
-        fail(f"--ori_model_dir {args.ori_model_dir}: no config.json (not a model directory)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
         fail(f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_model.safetensors")):
         fail(f"--model_dir {args.model_dir}: no adapter_model.safetensors (adapters are loaded from safetensors only, "
              f"never from pickled .bin files)")
+    named_by = ""
+    if args.ori_model_dir is None:
+        args.ori_model_dir, named_by = recorded_base(args.model_dir), " (named by its adapter_config.json)"
+    if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
+        fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: no config.json (not a model directory)"
+             + ("; pass --ori_model_dir" if named_by else ""))
     save = os.path.abspath(args.save_model_dir)
     if save in (os.path.abspath(args.ori_model_dir), os.path.abspath(args.model_dir)):
         fail(f"--save_model_dir {args.save_model_dir} must differ from the input directories")
@@ -130,6 +136,21 @@ def resolve_checkpoint(model_dir: str) -> str:
     best = inside if os.path.isdir(inside) else best
     print(f"{model_dir}: its best checkpoint is {best}")
     return best
+
+
+def recorded_base(checkpoint: str) -> str:
+    """The base model an adapter was trained on, as peft recorded it (train.py's --model_name_or_path, relative to
+    where train.py ran)."""
+    path = os.path.join(checkpoint, "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        fail(f"{path}: cannot read it ({e})")
+    if not isinstance(base, str) or not base:
+        fail(f"{path}: names no base_model_name_or_path; pass --ori_model_dir")
+    print(f"base model (from {path}): {base}")
+    return base
 
 
 def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:

@@ -133,3 +133,23 @@ def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path)
     with pytest.raises(SystemExit, match="no adapter_model.safetensors .*never from pickled .bin files"):
         merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(pickled),
                            "--save_model_dir", str(tmp_path / "m")])
+
+
+def test_base_defaults_to_the_one_the_adapter_names(tiny_ckpt, adapter_dir, tmp_path):
+    """Without --ori_model_dir the base is adapter_config.json's base_model_name_or_path (train.py's
+    --model_name_or_path); a recorded base that is gone is an error that says to pass --ori_model_dir."""
+    merged_dir = tmp_path / "merged"
+    merge_params.main(["--model_dir", adapter_dir, "--save_model_dir", str(merged_dir), "--device", "cpu"])
+    with open(merged_dir / "merge_info.json", encoding="utf-8") as f:
+        assert json.load(f)["ori_model_dir"] == tiny_ckpt
+
+    import shutil
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, moved)
+    config = json.loads((moved / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"gone \(named by its adapter_config.json\): no config.json .*; pass "
+                                         r"--ori_model_dir"):
+        merge_params.main(["--model_dir", str(moved), "--save_model_dir", str(tmp_path / "m2"), "--device", "cpu"])
