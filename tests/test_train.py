@@ -5,6 +5,7 @@ parameter count at the real 1.8B shape, and the bad-input errors.
 The runs are subprocesses, exactly as a user starts them (`python train.py ...`, `deepspeed --num_gpus 2 train.py ...`).
 The samples use a short instruction so sequences are ~110 tokens and each run takes seconds.
 """
+import base64
 import glob
 import json
 import math
@@ -200,6 +201,33 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     # DeepSpeed's CPU allreduce buffers (69 MB of RAM per rank) were created and are not left behind in /dev/shm
     assert "ShareMemCommBuilder" in log or "shm_comm" in log
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
+
+
+def test_two_nodes_as_the_multi_node_runner_starts_them(tiny_ckpt, data_dir, tmp_path):
+    """`deepspeed --hostfile ...` starts, over pdsh on each machine, `python -m deepspeed.launcher.launch
+    --world_info=... --node_rank=N`. Here that is done by hand for two 'machines' of one rank each: both ranks have
+    LOCAL_RANK 0, they meet over TCP (no shared-memory allreduce across machines), and the run trains and saves
+    into the shared output_dir as on one machine."""
+    out = str(tmp_path / "out")
+    world_info = base64.urlsafe_b64encode(json.dumps({"worker-1": [0], "worker-2": [0]}).encode()).decode()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                               f"--node_rank={n}", "--master_addr=127.0.0.1", f"--master_port={port}", "train.py",
+                               *flags(tiny_ckpt, data_dir, out, save_model_step=0, gradient_accumulation_steps=2,
+                                      num_train_epochs=1)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in logs[1]
+    assert [int(m[2]) for m in STEP_LINE.findall(logs[0])] == [1, 2] and STEP_LINE.findall(logs[1]) == []
+    info = read_json(os.path.join(out, "train_args.json"))
+    assert info["world_size"] == 2
+    state_dir = os.path.join(out, "epoch-1-step-2", "deepspeed", "state")
+    assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # a partition from each machine
+    assert os.path.isfile(os.path.join(out, "epoch-1-step-2", "rng_state_rank1.json"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
