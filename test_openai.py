@@ -57,7 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: near-deterministic)")
-    gen.add_argument("--max_tokens", type=int, default=1024, help="most tokens in one answer")
+    gen.add_argument("--max_tokens", "--max_tgt_len", type=int, default=1024,
+                     help="most tokens in one answer (the API's name; predict.py's --max_tgt_len is the same)")
     gen.add_argument("--json_mode", action="store_true",
                      help='ask for response_format {"type": "json_object"} (not every compatible server has it)')
 

@@ -192,6 +192,7 @@ def test_json_mode_flag(server, api_key, tmp_path):
     body = server.bodies[0]
     assert body["response_format"] == {"type": "json_object"}
     assert body["max_tokens"] == 64 and body["temperature"] == 0.3
+    assert baseline.parse_args(["--max_tgt_len", "64"]).max_tokens == 64  # predict.py's name for it
 
 
 def test_retries_on_500_429_and_timeout(server, api_key, tmp_path, capfd):
