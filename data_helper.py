@@ -16,11 +16,11 @@ import json
 import os
 import random
 
-from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, atomic_write_text, format_output
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, format_output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     paths = parser.add_argument_group("paths")
     paths.add_argument("--all_path", default="data/all.json",
                        help="input: one JSON array of {dialogue_text, extract_text} records")
@@ -42,7 +42,7 @@ def load_records(path: str) -> list:
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise ValueError(f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(data).__name__}")
     return data
@@ -130,6 +130,18 @@ def to_jsonl(samples: list[dict]) -> str:
     return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
 
+def write_if_changed(path: str, text: str) -> None:
+    """Atomically; a file that already holds exactly this text is left alone, so its timestamp tells `make` (and
+    anything else that checks it) that the split did not change."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -143,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if dropped:
         print(f"{args.all_path}: dropped {len(dropped)} records whose dialogue repeats an earlier record's "
               f"(records {', '.join(map(str, dropped[:5]))}{', ...' if len(dropped) > 5 else ''})")
-    atomic_write_text(args.train_path, to_jsonl(train))
-    atomic_write_text(args.test_path, to_jsonl(test))
+    for path, split in ((args.train_path, train), (args.test_path, test)):
+        write_if_changed(path, to_jsonl(split))
     print(f"read {len(samples) + len(dropped)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
           f"{len(test)} to {args.test_path} (seed {args.seed})")
 

@@ -25,11 +25,11 @@ import sys
 import unicodedata
 from typing import Sequence
 
-from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, atomic_write_text, iter_jsonl, parse_output
+from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, iter_jsonl, parse_output
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     io = parser.add_argument_group("input")
     io.add_argument("--gold", type=str, default="data/test.json",
                     help="data_helper's JSON Lines ({instruction, input, output}): the dialogues and gold answers")
@@ -143,7 +143,8 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
 
     `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
     {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields": {key: {"precision", "recall", "f1"}},
-    "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1].
+    "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1], except grounded_rate, which is None
+    when no list item was extracted at all (nothing to check, which is not the same as all grounded).
     """
     if not golds:
         raise ValueError(f"{gold_name}: no records to evaluate")
@@ -194,7 +195,7 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
     spans = prf(*(sum(counts[k] for k in LIST_KEYS) for counts in (tp, n_pred, n_gold)))
     n = len(pairs)
     return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
-            "grounded_rate": grounded / items if items else 1.0, "fields": fields, "overall": overall,
+            "grounded_rate": grounded / items if items else None, "fields": fields, "overall": overall,
             "list_fields_micro": spans}
 
 
@@ -244,6 +245,11 @@ def prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def rate(value: float | None) -> str:
+    """A rate to 4 decimals; n/a where there was nothing to count (grounded rate with no extracted item)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _ljust(text: str, width: int) -> str:
     """Left-justify by display width: CJK characters take two terminal columns."""
     shown = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
@@ -258,7 +264,7 @@ def format_table(report: dict) -> str:
             lines.append("-" * 40)
         lines.append(f"{_ljust(name, 10)} {scores['precision']:>9.4f} {scores['recall']:>9.4f} {scores['f1']:>9.4f}")
     lines.append(f"samples {report['n']} | JSON valid {report['json_valid_rate']:.4f} | "
-                 f"exact match {report['exact_match']:.4f} | grounded {report['grounded_rate']:.4f}")
+                 f"exact match {report['exact_match']:.4f} | grounded {rate(report['grounded_rate'])}")
     return "\n".join(lines)
 
 
@@ -275,7 +281,7 @@ def format_comparison(reports: dict[str, dict]) -> str:
                         ("list micro", lambda r: r["list_fields_micro"]["f1"]),
                         ("JSON valid", lambda r: r["json_valid_rate"]), ("exact", lambda r: r["exact_match"]),
                         ("grounded", lambda r: r["grounded_rate"])):
-        lines.append(f"{_ljust(label, 10)} " + " ".join(f"{pick(r):>{width}.4f}" for r in reports.values()))
+        lines.append(f"{_ljust(label, 10)} " + " ".join(f"{rate(pick(r)):>{width}}" for r in reports.values()))
     lines += [f"{n} {path} ({r['n']} samples)" for n, (path, r) in zip(names, reports.items())]
     return "\n".join(lines)
 

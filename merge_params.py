@@ -7,7 +7,8 @@ predict.py takes the training lengths) that loads with our qwen1_8 classes.
 
 --model_dir is a checkpoint (output_dir_qlora/epoch-3-step-909) or a run's output_dir, which stands for the best
 checkpoint its best_checkpoint.json names. Without --ori_model_dir the base is the one the adapter names in its
-adapter_config.json (train.py's --model_name_or_path, relative to where it ran).
+adapter_config.json (train.py's --model_name_or_path, relative to where it ran). Without --save_model_dir the
+merged model goes to merged/ in the run directory, where predict.py looks by default.
 
 W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype, never to a 4-bit copy. The default is the base
 config's dtype: bfloat16 for the published Qwen-1.8B-Chat, which rounds part of a small update away, as serving in
@@ -22,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 
 import torch
 
-from utils import build_chatml_ids, load_tokenizer, resolve_device
+from utils import HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # predict.py's spellings too
@@ -38,7 +40,7 @@ PROBE = "患者：孩子咳嗽三天了，有点发烧。\n医生：可以吃点
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     paths = parser.add_argument_group("paths")
     paths.add_argument("--ori_model_dir", default=None,
                        help="the base checkpoint the adapter was trained on; default: the one its "
@@ -46,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     paths.add_argument("--model_dir", default="output_dir_qlora",
                        help="a train.py checkpoint (adapter_config.json + adapter_model.safetensors), or a run's "
                             "output_dir: its best checkpoint (best_checkpoint.json)")
-    paths.add_argument("--save_model_dir", default="output_dir_qlora/merged", help="where the merged checkpoint goes")
+    paths.add_argument("--save_model_dir", default=None,
+                       help="where the merged checkpoint goes; default: merged/ in the run directory (--model_dir "
+                            "itself when it is a run's output_dir, else the checkpoint's parent), which is where "
+                            "predict.py looks by default")
     paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model_dir")
     run = parser.add_argument_group("precision and output")
     run.add_argument("--device", default="auto",
@@ -99,7 +104,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    args.model_dir = resolve_checkpoint(args.model_dir)
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, flags=re.IGNORECASE):
+        fail(f"--max_shard_size {args.max_shard_size!r}: expected a number and a unit, KB, MB, GB or TB (e.g. 2GB)")
+    given = args.model_dir
+    args.model_dir = resolve_checkpoint(given)
+    if args.save_model_dir is None:
+        run_dir = given if args.model_dir != given else os.path.dirname(os.path.normpath(args.model_dir))
+        args.save_model_dir = os.path.join(run_dir, "merged")
+        print(f"saving to {args.save_model_dir} (--save_model_dir)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
         fail(f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_model.safetensors")):

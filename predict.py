@@ -31,23 +31,25 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from utils import (INSTRUCTION, append_jsonl, build_chatml_ids, check_run_settings, iter_jsonl, load_done_ids,
-                   load_tokenizer, native_bf16, parse_output, resolve_device, set_random_seed)
+from utils import (INSTRUCTION, HelpFormatter, append_jsonl, build_chatml_ids, check_run_settings, iter_jsonl,
+                   load_done_ids, load_tokenizer, native_bf16, parse_output, resolve_device, set_random_seed)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # merge_params.py's too
 
 
 def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL_PATH,
                      output_file: str = "predictions.jsonl") -> argparse.ArgumentParser:
     """The flags of predict.py; test_qwen.py uses the same ones with its own defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model_path", type=str, default=model_path,
                        help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken)")
     model.add_argument("--device", type=str, default="auto",
                        help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
-    model.add_argument("--dtype", type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
                        help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
                             "fp32 on the CPU")
 
@@ -89,13 +91,34 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.max_tgt_len < 1:
         raise SystemExit(f"--max_tgt_len must be at least 1, got {args.max_tgt_len}")
-    if not os.path.isdir(args.model_path):
-        raise SystemExit(f"--model_path {args.model_path}: no such directory")
+    check_model_path(args.model_path)
+    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise SystemExit(f"--do_sample needs --temperature > 0 and 0 < --top_p <= 1, got {args.temperature} and "
+                         f"{args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise SystemExit(f"--repetition_penalty must be positive (1.0 = off), got {args.repetition_penalty}")
     fill_training_lengths(args)
     if not 0 < args.max_src_len < args.max_len:
         raise SystemExit(f"--max_src_len ({args.max_src_len}) must be positive and below --max_len ({args.max_len})")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         raise SystemExit(f"--input_file {args.input_file}: no such file")
+
+
+def check_model_path(path: str) -> None:
+    """A model directory (config.json, or a train.py checkpoint's adapter on the base it names) with the tokenizer's
+    vocabulary; a run's output_dir is named as such, since it is the easy mistake after training."""
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model_path {path}: no such directory")
+    has = set(os.listdir(path))
+    if "best_checkpoint.json" in has and not {"config.json", "adapter_config.json"} & has:
+        raise SystemExit(f"--model_path {path} is a train.py run directory, not a model: merge its best checkpoint "
+                         f"first (python merge_params.py --model_dir {path} --save_model_dir {path}/merged) and pass "
+                         f"the merged directory")
+    if not {"config.json", "adapter_config.json"} & has:
+        raise SystemExit(f"--model_path {path}: no config.json (not a model directory)")
+    if "qwen.tiktoken" not in has:
+        raise SystemExit(f"--model_path {path}: no qwen.tiktoken (the tokenizer's vocabulary; merge_params.py and "
+                         f"train.py checkpoints carry it)")
 
 
 def fill_training_lengths(args: argparse.Namespace) -> None:
@@ -190,7 +213,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32  # CPU half-precision matmuls are slow or missing on most CPUs
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return DTYPES[name]
 
 
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype):
@@ -404,12 +427,18 @@ def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size
     prompts = {i: ids.input_ids for i, ids in chatml.items()}
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)
-    start, new_tokens = time.perf_counter(), 0
-    with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
-        for records in predict_batches(model, tokenizer, prompts, batch_size, generation_config):
-            append_jsonl(output_file, records)
-            new_tokens += sum(r["num_new_tokens"] for r in records)
-            bar.update(len(records))
+    start, new_tokens, written = time.perf_counter(), 0, 0
+    try:
+        with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
+            for records in predict_batches(model, tokenizer, prompts, batch_size, generation_config):
+                append_jsonl(output_file, records)
+                new_tokens += sum(r["num_new_tokens"] for r in records)
+                written += len(records)
+                bar.update(len(records))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the {len(done) + written} predictions in {output_file} are kept; rerun the same "
+              f"command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     seconds = time.perf_counter() - start
     print(f"wrote {len(todo)} predictions to {output_file} | {seconds:.1f} s | {len(todo) / seconds:.2f} samples/s | "
           f"{new_tokens / seconds:.1f} new tokens/s", flush=True)

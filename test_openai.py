@@ -27,6 +27,7 @@ import random
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -35,13 +36,13 @@ import openai
 from tqdm import tqdm
 
 from predict import Example, interactive, read_examples, show_answer
-from utils import INSTRUCTION, SYSTEM_PROMPT, append_jsonl, check_run_settings, load_done_ids
+from utils import INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_run_settings, load_done_ids
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     endpoint = parser.add_argument_group("endpoint")
     endpoint.add_argument("--model", type=str, default="gpt-4o-mini",
                           help="model name on the endpoint (the chapter's gpt-3.5-turbo-1106 is retired)")
@@ -97,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         examples = read_examples(args.input_file)
         load_done_ids(args.output_file)  # a bad results line stops here, before any request
-        check_run_settings(args.output_file, {"model": args.model, "temperature": args.temperature,
-                                              "max_tokens": args.max_tokens, "json_mode": args.json_mode})
+        check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
+                                              "temperature": args.temperature, "max_tokens": args.max_tokens,
+                                              "json_mode": args.json_mode})
     except ValueError as e:
         raise SystemExit(f"test_openai.py: error: {e}") from None
     try:
@@ -109,6 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 130
     return 1 if failures else 0
+
+
+def endpoint(client) -> str:
+    """The server the answers come from, as recorded with a results file: scheme, host, port and path only, so
+    credentials a URL may carry (user:password@, ?key=) are never written."""
+    url = urllib.parse.urlsplit(str(client.base_url))
+    host = url.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((url.scheme, host + (f":{url.port}" if url.port else ""), url.path, "", ""))
 
 
 # --------------------------------------------------------------------------------------------------------------

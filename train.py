@@ -49,8 +49,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from utils import (IGNORE_INDEX, DataCollator, QwenPromptDataSet, atomic_write_text, load_tokenizer, native_bf16,
-                   print_rank_0, set_random_seed)
+from utils import (IGNORE_INDEX, DataCollator, HelpFormatter, QwenPromptDataSet, atomic_write_text, load_tokenizer,
+                   native_bf16, print_rank_0, set_random_seed)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -58,7 +58,7 @@ SUPPORTED_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_path", default="data/train.json", help="training JSON Lines from data_helper.py")
@@ -753,6 +753,7 @@ def validate_args(args: argparse.Namespace) -> None:
         for needed in ("trainer_state.json", os.path.join(DS_STATE_DIR, DS_STATE_TAG), "rng_state_rank0.json"):
             if not os.path.exists(os.path.join(ckpt, needed)):
                 fail(f"--resume_from_checkpoint {ckpt}: {needed} is missing (not a checkpoint of train.py?)")
+        check_resume_flags(ckpt, args)
     elif not args.overwrite_output_dir and os.path.isdir(args.output_dir):
         old = [d for d in os.listdir(args.output_dir) if CHECKPOINT_NAME.match(d)]
         if old:
@@ -760,6 +761,28 @@ def validate_args(args: argparse.Namespace) -> None:
             fail(f"--output_dir {args.output_dir} already holds {len(old)} checkpoint(s), the latest "
                  f"{latest}; pass --resume_from_checkpoint {os.path.join(args.output_dir, latest)} to continue, "
                  f"--overwrite_output_dir to start over, or another --output_dir")
+
+
+# What decides the weights a run ends with, beyond the step plan and world size that resume() compares.
+RESUME_SAME_FLAGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_len",
+                     "max_src_len", "is_skip", "quantization", "precision", "lora_dim", "lora_alpha", "lora_dropout")
+
+
+def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:
+    """A resume continues the run exactly, so the flags that decide its result must be the ones it was started
+    with (DeepSpeed would silently take a new learning rate mid-schedule, for one), and --stop_after_steps, a total,
+    must lie ahead of the checkpoint."""
+    path = os.path.join(checkpoint, "train_args.json")
+    saved = read_json(path).get("args", {}) if os.path.isfile(path) else {}
+    changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in RESUME_SAME_FLAGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        fail(f"--resume_from_checkpoint {checkpoint} was taken with other settings ({'; '.join(changed)}); resume "
+             f"it with the same ones, or start a new run")
+    step = read_json(os.path.join(checkpoint, "trainer_state.json")).get("global_step", 0)
+    if args.stop_after_steps and args.stop_after_steps <= step:
+        fail(f"--stop_after_steps {args.stop_after_steps} counts steps in total, and {checkpoint} is already at step "
+             f"{step}: nothing to do")
 
 
 def load_ds_json(path: str) -> dict:

@@ -6,6 +6,7 @@ off-by-one fixed, and is built by one function, `build_chatml_ids`, used by trai
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import math
@@ -227,7 +228,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
@@ -406,6 +407,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for every script: the docstring as written, and each flag's default after its help, unless the help
+    already speaks of its default or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def resolve_device(device: str | None) -> torch.device:
     """Accepts 'auto', 'cpu', 'cuda', 'cuda:N', or the chapter's bare GPU index ('1'); '-1' means CPU."""
     if device in (None, "", "auto"):
@@ -414,7 +427,10 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cpu")
     if device.isdigit():
         device = f"cuda:{device}"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: expected auto, cpu, cuda, cuda:N or a GPU index") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

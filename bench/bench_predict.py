@@ -33,11 +33,11 @@ if ROOT not in sys.path:
 
 import predict  # noqa: E402
 from bench.common import add_model_args, apply_real_shape, machine_info, random_model  # noqa: E402
-from utils import resolve_device, set_random_seed  # noqa: E402
+from utils import HelpFormatter, resolve_device, set_random_seed  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     add_model_args(model, "model_path", num_hidden_layers=10)
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],

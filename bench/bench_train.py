@@ -30,11 +30,11 @@ if ROOT not in sys.path:
 
 import train  # noqa: E402
 from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync  # noqa: E402
-from utils import (DataCollator, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer, resolve_device,  # noqa: E402
-                   set_random_seed)
+from utils import (DataCollator, HelpFormatter, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer,  # noqa: E402
+                   resolve_device, set_random_seed)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     add_model_args(model, "model_name_or_path", num_hidden_layers=4)
     model.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",

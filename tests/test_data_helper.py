@@ -69,6 +69,20 @@ def test_same_seed_same_bytes(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_a_rerun_leaves_an_unchanged_split_untouched(tmp_path):
+    """Same input and seed: the files keep their timestamps (so `make` does not retrain the demo); another seed
+    rewrites them."""
+    import os
+
+    run(tmp_path, records(20), "--test_size", "5", "--seed", "3")
+    for name in ("train.json", "test.json"):
+        os.utime(tmp_path / name, ns=(1, 1))
+    run(tmp_path, records(20), "--test_size", "5", "--seed", "3")
+    assert [os.stat(tmp_path / n).st_mtime_ns for n in ("train.json", "test.json")] == [1, 1]
+    run(tmp_path, records(20), "--test_size", "5", "--seed", "4")
+    assert all(os.stat(tmp_path / n).st_mtime_ns > 1 for n in ("train.json", "test.json"))
+
+
 def test_different_seed_different_split(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -32,9 +32,9 @@ def assert_scores(scores: dict, precision: float, recall: float, f1: float):
     assert scores["f1"] == pytest.approx(f1, abs=1e-12)
 
 
-def assert_perfect(report: dict, n: int):
+def assert_perfect(report: dict, n: int, grounded: float | None = 1.0):
     assert report["n"] == n
-    assert report["json_valid_rate"] == 1.0 and report["exact_match"] == 1.0 and report["grounded_rate"] == 1.0
+    assert report["json_valid_rate"] == 1.0 and report["exact_match"] == 1.0 and report["grounded_rate"] == grounded
     for key in EXTRACT_KEYS:
         assert_scores(report["fields"][key], 1, 1, 1)
     assert_scores(report["overall"], 1, 1, 1)
@@ -56,13 +56,13 @@ def test_perfect():
 
 
 def test_empty_vs_empty_is_perfect():
-    assert_perfect(ev.evaluate([gold(DIALOGUE_A, EMPTY)], [pred("{}")]), 1)
+    assert_perfect(ev.evaluate([gold(DIALOGUE_A, EMPTY)], [pred("{}")]), 1, grounded=None)  # no item to check
 
 
 def test_invalid_json_counts_as_empty():
     report = ev.evaluate([gold(DIALOGUE_A, GOLD_A)], [pred("对不起，我不能回答。")])
     assert report["json_valid_rate"] == 0.0 and report["exact_match"] == 0.0
-    assert report["grounded_rate"] == 1.0  # nothing predicted, nothing ungrounded
+    assert report["grounded_rate"] is None  # nothing extracted: no grounded rate, rather than a perfect one
     for key in ("药品名称", "医疗检查", "现病史", "诊断结果"):  # gold has content: nothing found
         assert_scores(report["fields"][key], 0, 0, 0)
     for key in ("药物类别", "医疗操作", "辅助检查", "医疗建议"):  # gold is empty too
@@ -250,7 +250,7 @@ def test_cli_table(tmp_path, capsys):
     for key in EXTRACT_KEYS:
         assert key in out
     assert "overall" in out and "0.5000" in out
-    assert "samples 1 | JSON valid 0.0000 | exact match 0.0000 | grounded 1.0000" in out
+    assert "samples 1 | JSON valid 0.0000 | exact match 0.0000 | grounded n/a" in out
 
 
 def test_cli_compares_several_prediction_files(tmp_path, capsys):

@@ -135,15 +135,23 @@ def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path)
                            "--save_model_dir", str(tmp_path / "m")])
 
 
-def test_base_defaults_to_the_one_the_adapter_names(tiny_ckpt, adapter_dir, tmp_path):
+def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path):
     """Without --ori_model_dir the base is adapter_config.json's base_model_name_or_path (train.py's
-    --model_name_or_path); a recorded base that is gone is an error that says to pass --ori_model_dir."""
-    merged_dir = tmp_path / "merged"
-    merge_params.main(["--model_dir", adapter_dir, "--save_model_dir", str(merged_dir), "--device", "cpu"])
-    with open(merged_dir / "merge_info.json", encoding="utf-8") as f:
-        assert json.load(f)["ori_model_dir"] == tiny_ckpt
-
+    --model_name_or_path), and without --save_model_dir the output is merged/ in the run directory; a recorded base
+    that is gone is an error that says to pass --ori_model_dir, and a bad shard size fails before any loading."""
     import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run / "epoch-1-step-2")
+    # no --save_model_dir either: merged/ in the run directory, where predict.py looks by default
+    merge_params.main(["--model_dir", str(run / "epoch-1-step-2"), "--device", "cpu"])
+    with open(run / "merged" / "merge_info.json", encoding="utf-8") as f:
+        assert json.load(f)["ori_model_dir"] == tiny_ckpt
+    (run / "best_checkpoint.json").write_text(json.dumps({"path": "epoch-1-step-2"}))
+    with pytest.raises(SystemExit, match=f"--save_model_dir {run}/merged is not empty"):
+        merge_params.main(["--model_dir", str(run), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--max_shard_size 'lots': expected a number and a unit"):
+        merge_params.main(["--model_dir", str(run), "--device", "cpu", "--max_shard_size", "lots"])
 
     moved = tmp_path / "adapter"
     shutil.copytree(adapter_dir, moved)

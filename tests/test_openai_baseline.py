@@ -247,7 +247,17 @@ def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
     # the file was begun with these settings: another temperature would mix two runs' answers
     with pytest.raises(SystemExit, match=r"out\.jsonl was begun with other settings \(temperature 0\.0 -> 0\.7\)"):
         run(server, tmp_path, "--temperature", "0.7")
+    # and so would another server's, even one serving a model of the same name
+    other = server.base_url.replace("127.0.0.1", "localhost")
+    with pytest.raises(SystemExit, match=r"other settings \(endpoint 'http://127\.0\.0\.1:\d+/v1/?' -> "
+                                         r"'http://localhost:\d+/v1/?'\)"):
+        run(server, tmp_path, "--base_url", other)
     assert len(server.bodies) == 2
+
+
+def test_recorded_endpoint_carries_no_credentials(api_key):
+    client = baseline.build_client("https://user:secret@api.example.com:8443/v1?key=secret", 5.0)
+    assert baseline.endpoint(client).rstrip("/") == "https://api.example.com:8443/v1"
 
 
 def test_concurrency_is_bounded(server, api_key, tmp_path):

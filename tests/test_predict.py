@@ -241,19 +241,25 @@ def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
         assert path.read_text(encoding="utf-8") == bad  # nothing is thrown away
 
 
-@pytest.mark.parametrize("case", ["device", "input_line", "output_line"])
+@pytest.mark.parametrize("case", ["device", "device_name", "input_line", "output_line"])
 def test_bad_inputs_stop_before_the_model_loads(case, tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr(predict, "load_model", no_load)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "qwen.tiktoken").write_text("")
     inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
-    argv = ["--model_path", str(tmp_path), "--input_file", str(inputs), "--output_file", str(out), "--device", "cpu"]
+    argv = ["--model_path", str(model_dir), "--input_file", str(inputs), "--output_file", str(out), "--device", "cpu"]
     if case == "device":
         argv[-1], expected = "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99", "--device cuda:"
         if not torch.cuda.is_available():
             expected = "no CUDA GPU is visible"
+    elif case == "device_name":
+        argv[-1], expected = "gpu", "--device gpu: expected auto, cpu, cuda, cuda:N or a GPU index"
     elif case == "input_line":
         with open(inputs, "a", encoding="utf-8") as f:
             f.write('{"dialogue": "x"}\n')
@@ -274,6 +280,44 @@ def test_do_sample_is_a_switch(tiny_ckpt):
     assert predict.parse_args(["--model_path", tiny_ckpt, "--do_sample"]).do_sample is True
     with pytest.raises(SystemExit):
         predict.parse_args(["--model_path", tiny_ckpt, "--do_sample", "False"])
+
+
+def test_ctrl_c_in_batch_mode_keeps_what_was_written(tokenizer, tmp_path, monkeypatch, capsys):
+    def one_batch_then_ctrl_c(model, tokenizer, prompts, batch_size, generation_config):
+        yield [{"id": 0, "output": "{}", "num_new_tokens": 1}]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_batches", one_batch_then_ctrl_c)
+    inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
+    with pytest.raises(SystemExit) as excinfo:
+        predict.predict_file(None, tokenizer, str(inputs), str(out), 1, None, 2048, 1560)
+    assert excinfo.value.code == 130
+    assert "interrupted: the 1 predictions in" in capsys.readouterr().err
+    assert predict.load_done_ids(str(out)) == {0}
+
+
+def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp_path):
+    """A run's output_dir, a directory without a model or without the tokenizer's vocabulary, and sampling settings
+    generate() would reject are named before anything loads; merge_params.py's dtype spellings are accepted."""
+    run_dir = tmp_path / "output_dir_qlora"
+    run_dir.mkdir()
+    (run_dir / "best_checkpoint.json").write_text('{"path": "x"}')
+    with pytest.raises(SystemExit, match="is a train.py run directory, not a model: merge its best checkpoint first"):
+        predict.parse_args(["--model_path", str(run_dir)])
+    with pytest.raises(SystemExit, match="no config.json"):
+        predict.parse_args(["--model_path", str(tmp_path)])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no qwen.tiktoken"):
+        predict.parse_args(["--model_path", str(tmp_path)])
+    for flags in (["--temperature", "0"], ["--top_p", "0"], ["--top_p", "1.5"]):
+        with pytest.raises(SystemExit, match="--do_sample needs --temperature > 0 and 0 < --top_p <= 1"):
+            predict.parse_args(["--model_path", tiny_ckpt, "--do_sample", *flags])
+    assert predict.parse_args(["--model_path", tiny_ckpt, "--temperature", "0"]).do_sample is False  # unused: fine
+    with pytest.raises(SystemExit, match="--repetition_penalty must be positive"):
+        predict.parse_args(["--model_path", tiny_ckpt, "--repetition_penalty", "0"])
+    args = predict.parse_args(["--model_path", tiny_ckpt, "--dtype", "float32"])
+    assert predict.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
 
 
 def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):

@@ -171,6 +171,15 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     saved_plan = train.StepPlan(**read_json(os.path.join(final_a, "trainer_state.json"))["plan"])
     with pytest.raises(SystemExit, match="was taken without --group_by_length; resume it the same way"):
         train.resume(None, final_a, saved_plan, world_size=1, rank=0, group_by_length=True)
+    # so is one with another learning rate (DeepSpeed would take it mid-schedule), or one that would stop in the past
+    args = train.parse_args(flags(tiny_ckpt, data_dir, second))
+    train.check_resume_flags(final_a, args)  # the same flags: fine
+    with pytest.raises(SystemExit, match=r"other settings \(--learning_rate 0.02 -> 0.001; --lora_alpha 16 -> 32\)"):
+        train.check_resume_flags(final_a, train.parse_args(flags(tiny_ckpt, data_dir, second, learning_rate=1e-3,
+                                                                 lora_alpha=32)))
+    args.stop_after_steps = 4
+    with pytest.raises(SystemExit, match="--stop_after_steps 4 counts steps in total, and .* is already at step 4"):
+        train.check_resume_flags(final_a, args)
     ppl_a = dict(state_a["history"]["eval"])
     assert all(ppl_a[step] == ppl for step, ppl in state_b["history"]["eval"])  # evaluated every 2 steps here
 
