@@ -912,6 +912,8 @@ def write_plots(history: dict, output_dir: str) -> None:
                                          ("eval", 1, "test_ppl", "test_ppl.png")):
         rows = history[key]
         if not rows:
+            why = "fewer optimizer steps than --show_loss_step" if key == "train" else "no evaluation ran"
+            print(f"no {filename}: nothing to draw ({why})", flush=True)
             continue
         steps = [r[0] for r in rows]
         values = [r[column] for r in rows]

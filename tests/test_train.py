@@ -473,3 +473,9 @@ def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
         assert sorted(os.listdir(tmp_path / "out")) == ["epoch-1-step-2", "epoch-1-step-9", "epoch-2-step-10"]
     else:
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_curve_with_no_points_is_named_not_drawn(tmp_path, capsys):
+    train.write_plots({"train": [], "eval": [[2, 9.5], [4, 8.0]]}, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["test_ppl.png"]
+    assert "no train_loss.png: nothing to draw (fewer optimizer steps than --show_loss_step)" in capsys.readouterr().out
