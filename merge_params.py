@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     allowed = RELATIVE_TOLERANCE[dtype] * max(1.0, expected.abs().max().item())
     print(f"max |merged - (base + adapter)| logit difference: {diff:.3e} (allowed {allowed:.3e})")
     if not diff <= allowed:
-        fail(f"the merged model's logits differ from base + adapter by {diff:.3e} > {allowed:.3e}; nothing written")
+        hint = ("" if dtype == torch.float32 else
+                f"; in {str(dtype).removeprefix('torch.')} part of this is rounding: --dtype float32 merges without "
+                f"it and tells a rounding gap from a wrong merge")
+        fail(f"the merged model's logits differ from base + adapter by {diff:.3e} > {allowed:.3e}; nothing "
+             f"written{hint}")
 
     # The precision flags in config.json describe the saved weights (the chapter persisted bf16=true over fp16).
     merged.config.bf16, merged.config.fp16, merged.config.fp32 = (dtype == torch.bfloat16, dtype == torch.float16,
