@@ -46,7 +46,8 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model_path", type=str, default=model_path,
-                       help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken)")
+                       help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a "
+                            "train.py checkpoint also works, its adapter put unmerged on the base it names")
     model.add_argument("--device", type=str, default="auto",
                        help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
