@@ -134,7 +134,7 @@ def write_if_changed(path: str, text: str) -> None:
     """Atomically; a file that already holds exactly this text is left alone, so its timestamp tells `make` (and
     anything else that checks it) that the split did not change."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             if f.read() == text:
                 return
     except (OSError, UnicodeDecodeError):

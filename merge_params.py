@@ -113,7 +113,7 @@ def validate(args: argparse.Namespace) -> None:
     given = args.model_dir
     args.model_dir = resolve_checkpoint(given)
     if args.save_model_dir is None:
-        run_dir = given if args.model_dir != given else os.path.dirname(os.path.normpath(args.model_dir))
+        run_dir = given if args.model_dir != given else os.path.dirname(os.path.abspath(args.model_dir))
         args.save_model_dir = os.path.join(run_dir, "merged")
         print(f"saving to {args.save_model_dir} (--save_model_dir)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):

@@ -303,11 +303,13 @@ def check_run_settings(output_file: str, settings: dict) -> None:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e.msg}); delete it to resume with the current "
                                  f"settings") from None
-        changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in settings.items()
-                   if before.get(key) != value]
+        changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in settings.items()
+                   if key in before and before[key] != value]
         if changed:
             raise ValueError(f"{output_file} was begun with other settings ({'; '.join(changed)}); resume it with "
                              f"the same ones, or write to another output file")
+        if settings.keys() - before.keys():  # recorded by an older version: it knew less, so add what it lacked
+            atomic_write_text(path, json.dumps({**settings, **before}, ensure_ascii=False, indent=2) + "\n")
         return
     atomic_write_text(path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
 
@@ -413,8 +415,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS)
-                or "default" in text.lower()):
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default in ("", argparse.SUPPRESS) or "default" in text.lower()):
             return text
         return text + " (default: %(default)s)"
 

@@ -141,7 +141,7 @@ def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path)
                            "--save_model_dir", str(tmp_path / "m")])
 
 
-def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path):
+def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path, monkeypatch):
     """Without --ori_model_dir the base is adapter_config.json's base_model_name_or_path (train.py's
     --model_name_or_path), and without --save_model_dir the output is merged/ in the run directory; a recorded base
     that is gone is an error that says to pass --ori_model_dir, and a bad shard size fails before any loading."""
@@ -156,6 +156,11 @@ def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path):
     (run / "best_checkpoint.json").write_text(json.dumps({"path": "epoch-1-step-2"}))
     with pytest.raises(SystemExit, match=f"--save_model_dir {run}/merged is not empty"):
         merge_params.main(["--model_dir", str(run), "--device", "cpu"])
+    monkeypatch.chdir(run / "epoch-1-step-2")  # `--model_dir .` from inside the checkpoint: still the run's merged/
+    merge_params.validate(merge_params.parse_args(["--model_dir", ".", "--save_model_dir", str(tmp_path / "x")]))
+    args = merge_params.parse_args(["--model_dir", "."])
+    with pytest.raises(SystemExit, match=f"--save_model_dir {run}/merged is not empty"):
+        merge_params.validate(args)
     with pytest.raises(SystemExit, match="--max_shard_size 'lots': expected a number and a unit"):
         merge_params.main(["--model_dir", str(run), "--device", "cpu", "--max_shard_size", "lots"])
 

@@ -255,6 +255,16 @@ def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
     assert len(server.bodies) == 2
 
 
+def test_a_settings_file_from_before_the_endpoint_was_recorded_still_resumes(server, api_key, tmp_path):
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB"])
+    (tmp_path / "out.jsonl").write_text(json.dumps({"id": 0, "output": "{}", "model": "m"}) + "\n", encoding="utf-8")
+    old = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 1024, "json_mode": False}
+    (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(old), encoding="utf-8")
+    assert run(server, tmp_path) == 0 and server.seen == {"BBBB": 1}
+    saved = json.loads((tmp_path / "out.jsonl.settings.json").read_text(encoding="utf-8"))
+    assert saved["endpoint"].rstrip("/") == server.base_url.rstrip("/") and saved["model"] == "gpt-4o-mini"
+
+
 def test_recorded_endpoint_carries_no_credentials(api_key):
     client = baseline.build_client("https://user:secret@api.example.com:8443/v1?key=secret", 5.0)
     assert baseline.endpoint(client).rstrip("/") == "https://api.example.com:8443/v1"

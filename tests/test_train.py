@@ -479,3 +479,11 @@ def test_a_curve_with_no_points_is_named_not_drawn(tmp_path, capsys):
     train.write_plots({"train": [], "eval": [[2, 9.5], [4, 8.0]]}, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["test_ppl.png"]
     assert "no train_loss.png: nothing to draw (fewer optimizer steps than --show_loss_step)" in capsys.readouterr().out
+
+
+def test_help_shows_defaults_zero_included(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "0 = run to the end (default: 0)" in flat  # --stop_after_steps: a 0 default is shown too
+    assert "(default: ds_zero2_no_offload.json)" in flat
