@@ -29,10 +29,8 @@ import tempfile
 
 import torch
 
-from utils import HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device
+from utils import DTYPES, HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # predict.py's spellings too
 # Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
 # fp32 only reorders sums; 16-bit formats also round W + BA once.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}

@@ -31,13 +31,12 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from utils import (INSTRUCTION, HelpFormatter, append_jsonl, build_chatml_ids, check_run_settings, iter_jsonl,
-                   load_done_ids, load_tokenizer, native_bf16, parse_output, resolve_device, set_random_seed)
+from utils import (DTYPES, INSTRUCTION, HelpFormatter, append_jsonl, build_chatml_ids, check_run_settings,
+                   iter_jsonl, load_done_ids, load_tokenizer, native_bf16, parse_output, resolve_device,
+                   set_random_seed)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # merge_params.py's too
 
 
 def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL_PATH,

@@ -228,7 +228,8 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column "
+                                 f"{e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
@@ -419,6 +420,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or action.default in ("", argparse.SUPPRESS) or "default" in text.lower()):
             return text
         return text + " (default: %(default)s)"
+
+
+# --dtype spellings of predict.py and merge_params.py: torch's names and the short ones
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str | None) -> torch.device:
