@@ -172,3 +172,55 @@ def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path, mo
     with pytest.raises(SystemExit, match=r"gone \(named by its adapter_config.json\): no config.json .*; pass "
                                          r"--ori_model_dir"):
         merge_params.main(["--model_dir", str(moved), "--save_model_dir", str(tmp_path / "m2"), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("wrong", ["none", "one layer missed", "one layer twice"])
+def test_a_wrong_merge_fails_even_where_the_bf16_logit_probe_would_pass(tiny_ckpt, adapter_dir, tmp_path,
+                                                                        monkeypatch, wrong):
+    """A small update (as a short fine-tune gives) moves the logits by less than bf16's logit tolerance, so only the
+    element-wise weight check can tell a merge that did nothing, skipped a layer or applied its update twice from a
+    right one."""
+    import shutil
+
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear
+    from safetensors.torch import load_file, save_file
+
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+    from qwen1_8.tokenization_qwen import QWenTokenizer
+
+    small = tmp_path / "small"
+    shutil.copytree(adapter_dir, small)
+    weights = load_file(small / "adapter_model.safetensors")
+    save_file({k: v * 0.003 if "lora_B" in k else v for k, v in weights.items()}, small / "adapter_model.safetensors")
+    # the probe alone would let even a merge that did nothing through: the adapter moves the logits by less than
+    # bf16 allows
+    base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()
+    probe = merge_params.probe_input(QWenTokenizer.from_pretrained(tiny_ckpt), torch.device("cpu"))
+    without = logits(base, probe).float()
+    with_adapter = logits(PeftModel.from_pretrained(base, str(small)).eval(), probe).float()
+    allowed = merge_params.RELATIVE_TOLERANCE[torch.bfloat16] * max(1.0, with_adapter.abs().max().item())
+    assert 0 < (with_adapter - without).abs().max().item() < allowed
+
+    argv = ["--ori_model_dir", tiny_ckpt, "--model_dir", str(small), "--device", "cpu", "--dtype", "bf16"]
+    merge_params.main(argv + ["--save_model_dir", str(tmp_path / "right")])
+    with open(tmp_path / "right" / "merge_info.json", encoding="utf-8") as f:
+        assert 0 < json.load(f)["update_rounded_away"] < 1  # bf16 rounds part of a small update away: reported
+
+    original = Linear.merge
+    calls = []
+
+    def wrong_merge(self, *args, **kwargs):
+        calls.append(self)
+        if wrong == "none" or (wrong == "one layer missed" and len(calls) == 3):
+            return
+        original(self, *args, **kwargs)
+        if wrong == "one layer twice" and len(calls) == 3:
+            self.merged_adapters.clear()
+            original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "merge", wrong_merge)
+    with pytest.raises(SystemExit, match=r"h\.\d\.\w+\.\w+: the merged weight differs from W \+ \(alpha / r\) \* B @ A "
+                                         r"by up to [\d.]+x what rounding to bfloat16 allows; nothing written"):
+        merge_params.main(argv + ["--save_model_dir", str(tmp_path / "wrong")])
+    assert not os.path.exists(tmp_path / "wrong")
