@@ -14,10 +14,10 @@ W <- W + (alpha / r) * B @ A is applied to the base loaded in --dtype, never to 
 config's dtype: bfloat16 for the published Qwen-1.8B-Chat, which rounds part of a small update away, as serving in
 bf16 would anyway; --dtype float32 keeps it whole for fp32 serving. An adapter trained against an NF4 base meets
 slightly different base weights here: the usual QLoRA caveat. Before anything is written, every merged weight is
-checked element by element against W + (alpha / r) * B @ A computed in float64 (only rounding to --dtype may part
-them), and the merged model's logits are compared with base + adapter on a probe prompt; the merge fails if either
-differs by more than the dtype allows. Output goes to a temporary directory that is renamed at the end, so an interrupted merge leaves nothing
-half-written, and a non-empty --save_model_dir is only replaced with --overwrite.
+checked element by element against W + (alpha / r) * B @ A computed in a wider float (only rounding to --dtype may
+part them), and the merged model's logits are compared with base + adapter on a probe prompt; the merge fails if
+either differs by more than the dtype allows. Output goes to a temporary directory that is renamed at the end, so an
+interrupted merge leaves nothing half-written, and a non-empty --save_model_dir is only replaced with --overwrite.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import tempfile
 
 import torch
 
-from utils import DTYPES, HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device
+from utils import (DTYPES, HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device,
+                   silence_library_deprecations)
 
 # Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
 # fp32 only reorders sums; 16-bit formats also round W + BA once.
@@ -67,6 +68,7 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    silence_library_deprecations()
     validate(args)
     try:
         device = resolve_device(args.device)
@@ -118,6 +120,7 @@ def merge_checked(model, dtype: torch.dtype) -> float:
     from peft.tuners.lora import LoraLayer
 
     ref = torch.float64 if dtype == torch.float32 else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
     eps, tiny, ref_eps, matmul_eps = (torch.finfo(dtype).eps, torch.finfo(dtype).tiny, torch.finfo(ref).eps,
                                       torch.finfo(torch.float32).eps)
     lost_sq = update_sq = worst_all = 0.0
@@ -138,13 +141,13 @@ def merge_checked(model, dtype: torch.dtype) -> float:
         worst = err.abs_().div_(allowed).max().item()
         if not worst <= 1.0:
             fail(f"{name}: the merged weight differs from W + (alpha / r) * B @ A by up to {worst:.1f}x what rounding "
-                 f"to {str(dtype).removeprefix('torch.')} allows; nothing written")
+                 f"to {dtype_name} allows; nothing written")
         worst_all = max(worst_all, worst)
         del exact, bound, err
     lost = (lost_sq / update_sq) ** 0.5 if update_sq else 0.0
-    print(f"merged {len(layers)} layers; each weight is W + (alpha / r) * B @ A up to {str(dtype).removeprefix('torch.')}"
-          f" rounding (the largest gap is {worst_all:.0%} of what it allows), which took away {lost:.1%} of the update "
-          f"(relative L2 norm: unbiased noise that averages out in the logits, checked next)")
+    print(f"merged {len(layers)} layers; each weight is W + (alpha / r) * B @ A up to {dtype_name} rounding (the "
+          f"largest gap is {worst_all:.0%} of what it allows), which took away {lost:.1%} of the update (relative L2 "
+          f"norm: unbiased noise that averages out in the logits, checked next)")
     return lost
 
 

@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from utils import (DTYPES, INSTRUCTION, HelpFormatter, append_jsonl, build_chatml_ids, check_run_settings,
                    iter_jsonl, load_done_ids, load_tokenizer, native_bf16, parse_output, resolve_device,
-                   set_random_seed)
+                   set_random_seed, silence_library_deprecations)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def prepare(args: argparse.Namespace, prog: str):
     """(model, tokenizer, generation config) from the flags, after the inputs were checked; test_qwen.py too."""
+    silence_library_deprecations()
     set_random_seed(args.seed)
     device = check_inputs(args, prog)
     model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))

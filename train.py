@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from utils import (IGNORE_INDEX, DataCollator, HelpFormatter, QwenPromptDataSet, atomic_write_text, load_tokenizer,
-                   native_bf16, print_rank_0, set_random_seed)
+                   native_bf16, print_rank_0, set_random_seed, silence_library_deprecations)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -147,6 +147,7 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    silence_library_deprecations()
     # Everything that can be wrong with the inputs is checked before the process group exists.
     validate_args(args)
     ds_template = load_ds_json(args.ds_file)

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -390,6 +391,19 @@ def load_tokenizer(model_dir: str):
     tokenizer = QWenTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token_id = tokenizer.eod_id
     return tokenizer
+
+
+# Deprecation notices that libraries raise from their own internals, on every run, about calls we do not make:
+# peft reads `is_gradient_checkpointing` (transformers 5 renamed it), and DeepSpeed's ZeRO-2 gathers with
+# `all_gather_into_tensor` (torch 2.13 renamed it). Matched by exact message, so any other warning still shows.
+LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",
+                        r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+
+
+def silence_library_deprecations() -> None:
+    """Hide LIBRARY_DEPRECATIONS, which a user can do nothing about; scripts call it first thing in main()."""
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def set_random_seed(seed: int) -> None:

@@ -317,7 +317,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
     plain = grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     checkpointed = grads()
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name

@@ -487,3 +487,19 @@ def test_help_shows_defaults_zero_included(capsys):
     flat = " ".join(capsys.readouterr().out.split())
     assert "0 = run to the end (default: 0)" in flat  # --stop_after_steps: a 0 default is shown too
     assert "(default: ds_zero2_no_offload.json)" in flat
+
+
+def test_only_the_known_library_deprecations_are_silenced():
+    import warnings
+
+    from utils import silence_library_deprecations
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_library_deprecations()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
+        warnings.warn("`something_else` is deprecated", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
+    assert [(str(w.message), w.category) for w in seen] == [("`something_else` is deprecated", FutureWarning),
+                                                            ("`is_gradient_checkpointing` is deprecated", UserWarning)]
