@@ -31,12 +31,13 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from utils import (DTYPES, INSTRUCTION, HelpFormatter, append_jsonl, build_chatml_ids, check_run_settings,
-                   iter_jsonl, load_done_ids, load_tokenizer, native_bf16, parse_output, resolve_device,
-                   set_random_seed, silence_library_deprecations)
+from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, HelpFormatter, append_jsonl, build_chatml_ids,
+                   check_run_settings, iter_jsonl, load_done_ids, load_tokenizer, native_bf16, parse_output,
+                   resolve_device, set_random_seed, silence_library_deprecations)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
-TRAINING_LENGTHS = {"max_len": 2048, "max_src_len": 1560}  # the chapter's, where a checkpoint does not record them
+# How training cut prompts: the chapter's, where a checkpoint does not record it
+TRAINING_TRUNCATION = {"max_len": 2048, "max_src_len": 1560, "truncation": "tokens"}
 
 
 def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL_PATH,
@@ -66,8 +67,11 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
                      help="the training --max_len; with --max_src_len it truncates prompts exactly as training did. "
                           "Default: the model's train_args.json (merge_params.py copies it), else 2048")
     gen.add_argument("--max_src_len", type=int, default=None,
-                     help="the training --max_src_len: a longer user block keeps its head, as in training. "
+                     help="the training --max_src_len: a longer user block is cut as in training. "
                           "Default: from train_args.json as --max_len, else 1560")
+    gen.add_argument("--truncation", choices=TRUNCATIONS, default=None,
+                     help="the training --truncation (tokens: keep a long dialogue's first tokens; turns: its leading "
+                          "whole turns). Default: from train_args.json as --max_len, else tokens")
 
     io = parser.add_argument_group("batch mode")
     io.add_argument("--input_file", type=str, default=None,
@@ -97,7 +101,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{args.top_p}")
     if args.repetition_penalty <= 0:
         raise SystemExit(f"--repetition_penalty must be positive (1.0 = off), got {args.repetition_penalty}")
-    fill_training_lengths(args)
+    fill_training_truncation(args)
     if not 0 < args.max_src_len < args.max_len:
         raise SystemExit(f"--max_src_len ({args.max_src_len}) must be positive and below --max_len ({args.max_len})")
     if args.input_file is not None and not os.path.isfile(args.input_file):
@@ -121,10 +125,10 @@ def check_model_path(path: str) -> None:
                          f"train.py checkpoints carry it)")
 
 
-def fill_training_lengths(args: argparse.Namespace) -> None:
-    """--max_len / --max_src_len not given: the values the model was trained with (train_args.json, which train.py
-    writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
-    if args.max_len is not None and args.max_src_len is not None:
+def fill_training_truncation(args: argparse.Namespace) -> None:
+    """--max_len / --max_src_len / --truncation not given: what the model was trained with (train_args.json, which
+    train.py writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
+    if all(getattr(args, key) is not None for key in TRAINING_TRUNCATION):
         return
     path = os.path.join(args.model_path, "train_args.json")
     trained = {}
@@ -132,15 +136,20 @@ def fill_training_lengths(args: argparse.Namespace) -> None:
         try:
             with open(path, encoding="utf-8") as f:
                 saved_args = json.load(f)["args"]
-            trained = {k: int(saved_args[k]) for k in TRAINING_LENGTHS}
+            trained = {"max_len": int(saved_args["max_len"]), "max_src_len": int(saved_args["max_src_len"]),
+                       "truncation": saved_args.get("truncation", "tokens")}  # older runs: the chapter's cut
+            if trained["truncation"] not in TRUNCATIONS:
+                raise ValueError(f"unknown truncation {trained['truncation']!r}")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{path}: cannot read the training lengths ({e}); pass --max_len and --max_src_len")
-    for key, chapter in TRAINING_LENGTHS.items():
+            raise SystemExit(f"{path}: cannot read the training lengths ({e}); pass --max_len, --max_src_len and "
+                             f"--truncation")
+    for key, chapter in TRAINING_TRUNCATION.items():
         if getattr(args, key) is None:
             setattr(args, key, trained.get(key, chapter))
     if trained:
-        print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} "
-              f"(trained with {trained['max_len']} / {trained['max_src_len']}, from {path})", flush=True)
+        print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} --truncation "
+              f"{args.truncation} (trained with {trained['max_len']} / {trained['max_src_len']} / "
+              f"{trained['truncation']}, from {path})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,14 +157,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer, generation_config = prepare(args, "predict.py")
     if args.input_file is None:
         def answer(dialogue: str) -> str:
-            ids = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, args.max_len, args.max_src_len)
+            ids = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, args.max_len, args.max_src_len,
+                                   truncation=args.truncation)
             if ids.truncated:
-                print(f"The dialogue is longer than --max_src_len {args.max_src_len} tokens: its end was cut, as in "
-                      f"training.", flush=True)
+                cut = "its last turns were left out" if args.truncation == "turns" else "its end was cut"
+                print(f"The dialogue is longer than --max_src_len {args.max_src_len} tokens: {cut}, as in training.",
+                      flush=True)
             return generate_from_ids(model, tokenizer, [ids.input_ids], generation_config)[0][0]
         return interactive(answer)
     predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
-                 args.max_len, args.max_src_len)
+                 args.max_len, args.max_src_len, args.truncation)
     return 0
 
 
@@ -201,7 +212,7 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict:
     return {"model_path": os.path.realpath(args.model_path), "model_files": model_fingerprint(args.model_path),
             "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."), "max_new_tokens": args.max_tgt_len,
             "do_sample": args.do_sample, **sampling, "repetition_penalty": args.repetition_penalty,
-            "max_len": args.max_len, "max_src_len": args.max_src_len}
+            "max_len": args.max_len, "max_src_len": args.max_src_len, "truncation": args.truncation}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,15 +259,15 @@ def build_generation_config(tokenizer, max_new_tokens: int, do_sample: bool = Fa
     return config
 
 
-def prompt_ids(tokenizer, user_text: str, max_len: int, max_src_len: int) -> list[int]:
+def prompt_ids(tokenizer, user_text: str, max_len: int, max_src_len: int, truncation: str = "tokens") -> list[int]:
     """The generation prompt, truncated like training: token-identical to the training prefix."""
-    return build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len).input_ids
+    return build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation).input_ids
 
 
 def generate_batch(model, tokenizer, user_texts: Sequence[str], generation_config: GenerationConfig,
-                   max_len: int = 2048, max_src_len: int = 1560) -> list[tuple[str, int]]:
+                   max_len: int = 2048, max_src_len: int = 1560, truncation: str = "tokens") -> list[tuple[str, int]]:
     """Answer several user messages at once. Returns (answer text, number of new tokens) per message, in order."""
-    prompts = [prompt_ids(tokenizer, text, max_len, max_src_len) for text in user_texts]
+    prompts = [prompt_ids(tokenizer, text, max_len, max_src_len, truncation) for text in user_texts]
     return generate_from_ids(model, tokenizer, prompts, generation_config)
 
 
@@ -412,7 +423,8 @@ def predict_batches(model, tokenizer, prompts: dict[int, list[int]], batch_size:
 
 
 def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size: int,
-                 generation_config: GenerationConfig, max_len: int, max_src_len: int) -> None:
+                 generation_config: GenerationConfig, max_len: int, max_src_len: int,
+                 truncation: str = "tokens") -> None:
     examples = read_examples(input_file)
     done = load_done_ids(output_file)
     todo = [e for e in examples if e.id not in done]
@@ -420,11 +432,13 @@ def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size
           f"{len(todo)} to generate", flush=True)
     if not todo:
         return
-    chatml = {e.id: build_chatml_ids(tokenizer, e.user_text, None, max_len, max_src_len) for e in todo}
+    chatml = {e.id: build_chatml_ids(tokenizer, e.user_text, None, max_len, max_src_len, truncation=truncation)
+              for e in todo}
     truncated = sum(ids.truncated for ids in chatml.values())
     if truncated:
-        print(f"{truncated} prompts were longer than --max_src_len {max_src_len} and lost the end of their dialogue "
-              f"(as in training)", flush=True)
+        lost = "their last turns" if truncation == "turns" else "the end of their dialogue"
+        print(f"{truncated} prompts were longer than --max_src_len {max_src_len} and lost {lost} (as in training)",
+              flush=True)
     prompts = {i: ids.input_ids for i, ids in chatml.items()}
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return response
         return interactive(answer, show_answer)
     predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
-                 args.max_len, args.max_src_len)
+                 args.max_len, args.max_src_len, args.truncation)
     return 0
 
 

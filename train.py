@@ -49,8 +49,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from utils import (IGNORE_INDEX, DataCollator, HelpFormatter, QwenPromptDataSet, atomic_write_text, load_tokenizer,
-                   native_bf16, print_rank_0, set_random_seed, silence_library_deprecations)
+from utils import (IGNORE_INDEX, TRUNCATIONS, DataCollator, HelpFormatter, QwenPromptDataSet, atomic_write_text,
+                   load_tokenizer, native_bf16, print_rank_0, set_random_seed, silence_library_deprecations)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_len", type=int, default=2048, help="longest training sequence in tokens")
     data.add_argument("--max_src_len", type=int, default=1560,
                       help="longest user block (instruction + dialogue) in tokens; must be below --max_len")
+    data.add_argument("--truncation", choices=TRUNCATIONS, default="tokens",
+                      help="how a user block longer than --max_src_len is cut: tokens = keep its first tokens (the "
+                           "chapter's, mid-turn); turns = keep its leading whole lines (dialogue turns) that fit. "
+                           "predict.py cuts the same way (it reads train_args.json)")
     data.add_argument("--is_skip", action="store_true",
                       help="drop training samples that had to be truncated (the test set is always kept whole)")
     data.add_argument("--group_by_length", action="store_true",
@@ -260,10 +264,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def build_datasets(args: argparse.Namespace, tokenizer, rank: int):
     try:
-        train_set = QwenPromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len, args.is_skip, rank)
+        train_set = QwenPromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len, args.is_skip, rank,
+                                      args.truncation)
         # The test set keeps truncated samples: the chapter's silent exclusion made its PPL cover 49 of 50.
-        test_set = (QwenPromptDataSet(args.test_path, tokenizer, args.max_len, args.max_src_len, False, rank)
-                    if args.test_path else None)
+        test_set = (QwenPromptDataSet(args.test_path, tokenizer, args.max_len, args.max_src_len, False, rank,
+                                      args.truncation) if args.test_path else None)
     except ValueError as e:
         fail(str(e))
     if len(train_set) == 0:
@@ -766,7 +771,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
 # What decides the weights a run ends with, beyond the step plan and world size that resume() compares.
 RESUME_SAME_FLAGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_len",
-                     "max_src_len", "is_skip", "quantization", "precision", "lora_dim", "lora_alpha", "lora_dropout")
+                     "max_src_len", "truncation", "is_skip", "quantization", "precision", "lora_dim", "lora_alpha",
+                     "lora_dropout")
 
 
 def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:

@@ -174,8 +174,13 @@ class ChatMLIds:
     truncated: bool  # the chapter's skip flag: the prompt or the answer did not fit
 
 
+# How a user block longer than max_src_len is cut. tokens: keep its first max_src_len - 1 tokens (the chapter's rule,
+# which cuts the dialogue mid-turn); turns: keep the longest run of leading whole lines (dialogue turns) that fits.
+TRUNCATIONS = ("tokens", "turns")
+
+
 def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int, max_src_len: int,
-                     system: str = SYSTEM_PROMPT) -> ChatMLIds:
+                     system: str = SYSTEM_PROMPT, truncation: str = "tokens") -> ChatMLIds:
     """Token ids of one exchange in the chapter's layout:
 
         <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n{output}<|im_end|>
@@ -183,8 +188,12 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     With `output=None` it returns the generation prompt, which ends after `assistant\\n` and is token-identical to
     the training prefix. Labels are -100 everywhere but `assistant`, `\\n`, the answer and the final `<|im_end|>`
     (unshifted: the model shifts). A user block longer than `max_src_len` keeps its head and re-appends
-    `<|im_end|>` (the chapter's rule); an answer that does not fit is cut so the whole is exactly `max_len` long.
+    `<|im_end|>` (the chapter's rule); with `truncation="turns"` it keeps whole leading lines instead (the token cut
+    only where not even the first line fits). An answer that does not fit is cut so the whole is exactly `max_len`
+    long.
     """
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     # imported here so that scripts which only read and score outputs (evaluate.py) do not load transformers
     from qwen1_8.qwen_generation_utils import chatml_block, text_ids
 
@@ -193,7 +202,8 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     prompt_ids = chatml_block(tokenizer, "user", user_text)
     truncated = False
     if len(prompt_ids) > max_src_len:
-        prompt_ids = prompt_ids[: max_src_len - 1] + [prompt_ids[-1]]
+        whole_lines = leading_lines_block(tokenizer, user_text, max_src_len) if truncation == "turns" else None
+        prompt_ids = whole_lines or prompt_ids[: max_src_len - 1] + [prompt_ids[-1]]
         truncated = True
     head = system_ids + nl + prompt_ids + nl
     if output is None:
@@ -208,6 +218,23 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     # The separator "\n" and the assistant's <|im_start|> are never trained; "assistant\n" onwards is.
     labels = [IGNORE_INDEX] * (len(head) + 1) + output_ids[1:]
     return ChatMLIds(head + output_ids, labels, truncated)
+
+
+def leading_lines_block(tokenizer, user_text: str, max_src_len: int) -> list[int] | None:
+    """The user block of the most leading whole lines of `user_text` that fit in `max_src_len` tokens (a binary
+    search: a few encodings), or None when not even the first line fits."""
+    from qwen1_8.qwen_generation_utils import chatml_block
+
+    lines = user_text.split("\n")
+    best, low, high = None, 1, len(lines) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        ids = chatml_block(tokenizer, "user", "\n".join(lines[:middle]))
+        if len(ids) <= max_src_len:
+            best, low = ids, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def min_answer_room(max_len: int, max_src_len: int) -> int:
@@ -324,7 +351,8 @@ def check_run_settings(output_file: str, settings: dict) -> None:
 class QwenPromptDataSet(torch.utils.data.Dataset):
     """data_helper's JSON Lines ({instruction, input, output}) as token ids and labels, tokenized eagerly."""
 
-    def __init__(self, data_path: str, tokenizer, max_len: int, max_src_len: int, is_skip: bool, rank: int = 0):
+    def __init__(self, data_path: str, tokenizer, max_len: int, max_src_len: int, is_skip: bool, rank: int = 0,
+                 truncation: str = "tokens"):
         if max_src_len >= max_len:
             raise ValueError(f"max_src_len ({max_src_len}) must be smaller than max_len ({max_len})")
         if min_answer_room(max_len, max_src_len) < 4:
@@ -337,7 +365,7 @@ class QwenPromptDataSet(torch.utils.data.Dataset):
                 if not isinstance(sample.get(field), str):
                     raise ValueError(f"{data_path}:{lineno}: field '{field}' is missing or not a string")
             ids = build_chatml_ids(tokenizer, sample["instruction"] + sample["input"], sample["output"],
-                                   max_len, max_src_len)
+                                   max_len, max_src_len, truncation=truncation)
             if is_skip and ids.truncated:
                 self.skipped += 1
                 continue

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from qwen1_8.qwen_generation_utils import make_context
+from qwen1_8.qwen_generation_utils import chatml_block, make_context
 from utils import (IGNORE_INDEX, INSTRUCTION, DataCollator, QwenPromptDataSet, build_chatml_ids, format_output)
 
 
@@ -76,6 +76,36 @@ def test_prompt_truncation_keeps_head(tokenizer):
     assert all(l == IGNORE_INDEX for l in cut.labels[:user_start + 200 + 2])
     prompt = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, max_len=2048, max_src_len=200)
     assert prompt.truncated and prompt.input_ids == cut.input_ids[:len(prompt.input_ids)]
+
+
+def test_turn_truncation_keeps_the_leading_whole_turns_that_fit(tokenizer, tmp_path):
+    """truncation="turns" (SPEC U3): the user block ends at a line boundary, with as many leading lines as fit; a
+    dialogue that fits, and the answer's labels, are as with the chapter's cut."""
+    turns = [f"患者: 第{i}天，一直咳嗽，晚上更厉害" if i % 2 else f"医生: 第{i}个问题，还有别的症状吗？" for i in range(60)]
+    user_text = INSTRUCTION + "\n".join(turns) + "\n"
+    cut = build_chatml_ids(tokenizer, user_text, "好", max_len=2048, max_src_len=400, truncation="turns")
+    user_start = 11  # system block (10) + "\n"
+    end = cut.input_ids.index(tokenizer.im_end_id, user_start)
+    assert cut.truncated and end - user_start + 1 <= 400
+    kept = tokenizer.decode(cut.input_ids[user_start + 3:end])  # after <|im_start|>user\n
+    lines = user_text.split("\n")
+    k = kept.count("\n") + 1
+    assert kept == "\n".join(lines[:k]) and INSTRUCTION.rstrip("\n") in kept and 5 < k < len(lines) - 1
+    assert len(chatml_block(tokenizer, "user", "\n".join(lines[:k + 1]))) > 400  # one more line would not fit
+    # the answer follows the cut block exactly as it follows an uncut one
+    whole = build_chatml_ids(tokenizer, "\n".join(lines[:k]), "好", max_len=2048, max_src_len=4000)
+    assert (cut.input_ids, cut.labels) == (whole.input_ids, whole.labels) and not whole.truncated
+    # a dialogue that fits is left alone, and where not even the first line fits the chapter's cut is taken
+    short = INSTRUCTION + "医生: 你好\n"
+    assert build_chatml_ids(tokenizer, short, "好", 2048, 1560, truncation="turns") == \
+        build_chatml_ids(tokenizer, short, "好", 2048, 1560)
+    assert build_chatml_ids(tokenizer, user_text, "好", 2048, 8, truncation="turns") == \
+        build_chatml_ids(tokenizer, user_text, "好", 2048, 8)
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        build_chatml_ids(tokenizer, short, "好", 2048, 1560, truncation="tail")
+    path = write_jsonl(tmp_path / "d.json", [sample(dialogue="\n".join(turns))])
+    dataset = QwenPromptDataSet(path, tokenizer, max_len=2048, max_src_len=400, is_skip=False, truncation="turns")
+    assert dataset[0]["input_ids"][:end + 1] == cut.input_ids[:end + 1]
 
 
 def test_output_truncation_is_exactly_max_len(tokenizer):

@@ -71,6 +71,30 @@ def test_prompt_is_truncated_like_training(tokenizer):
     assert len(ids) == 11 + 300 + 1 + 3  # system block + "\n" + cut user block + "\n" + <|im_start|>assistant\n
 
 
+def test_prompt_truncation_follows_the_training_run(tiny_ckpt, tokenizer, tmp_path):
+    """--max_len / --max_src_len / --truncation default to the run's train_args.json (runs older than --truncation
+    cut by tokens); a flag given wins, and the choice is part of a results file's settings."""
+    model_dir = tmp_path / "merged"
+    model_dir.mkdir()
+    for name in os.listdir(tiny_ckpt):
+        os.symlink(os.path.join(tiny_ckpt, name), model_dir / name)
+    train_args = model_dir / "train_args.json"
+    train_args.write_text(json.dumps({"args": {"max_len": 1024, "max_src_len": 300, "truncation": "turns"}}))
+    args = predict.parse_args(["--model_path", str(model_dir)])
+    assert (args.max_len, args.max_src_len, args.truncation) == (1024, 300, "turns")
+    assert predict.run_settings(args, torch.device("cpu"))["truncation"] == "turns"
+    long_text = INSTRUCTION + "患者: 咳嗽。\n" * 400
+    ids = predict.prompt_ids(tokenizer, long_text, args.max_len, args.max_src_len, args.truncation)
+    assert ids == build_chatml_ids(tokenizer, long_text, None, 1024, 300, truncation="turns").input_ids
+    assert ids != predict.prompt_ids(tokenizer, long_text, 1024, 300)  # the token cut ends mid-turn
+    assert predict.parse_args(["--model_path", str(model_dir), "--truncation", "tokens"]).truncation == "tokens"
+    train_args.write_text(json.dumps({"args": {"max_len": 1024, "max_src_len": 300}}))
+    assert predict.parse_args(["--model_path", str(model_dir)]).truncation == "tokens"
+    train_args.write_text(json.dumps({"args": {"max_len": 1024, "max_src_len": 300, "truncation": "middle"}}))
+    with pytest.raises(SystemExit, match="train_args.json: cannot read the training lengths .*'middle'"):
+        predict.parse_args(["--model_path", str(model_dir)])
+
+
 def test_left_padded_batch_matches_each_prompt_alone(model, tokenizer, monkeypatch):
     # min = max so random weights cannot stop early and every position is compared; the default repetition penalty
     # stays on, because it must ignore the left pads too.

@@ -174,9 +174,10 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     # so is one with another learning rate (DeepSpeed would take it mid-schedule), or one that would stop in the past
     args = train.parse_args(flags(tiny_ckpt, data_dir, second))
     train.check_resume_flags(final_a, args)  # the same flags: fine
-    with pytest.raises(SystemExit, match=r"other settings \(--learning_rate 0.02 -> 0.001; --lora_alpha 16 -> 32\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(--learning_rate 0.02 -> 0.001; --truncation tokens -> "
+                                         r"turns; --lora_alpha 16 -> 32\)"):
         train.check_resume_flags(final_a, train.parse_args(flags(tiny_ckpt, data_dir, second, learning_rate=1e-3,
-                                                                 lora_alpha=32)))
+                                                                 truncation="turns", lora_alpha=32)))
     args.stop_after_steps = 4
     with pytest.raises(SystemExit, match="--stop_after_steps 4 counts steps in total, and .* is already at step 4"):
         train.check_resume_flags(final_a, args)
@@ -192,7 +193,7 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     port = free_port()
     log = run([*cmd, "--num_gpus", "2", "--master_port", str(port), "train.py",
                *flags(tiny_ckpt, data_dir, out, "gradient_checkpointing", "group_by_length", save_model_step=0,
-                      gradient_accumulation_steps=2, save_total_limit=1)])
+                      gradient_accumulation_steps=2, save_total_limit=1, truncation="turns")])
     lines = STEP_LINE.findall(log)
     assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # printed by rank 0 only
     assert float(lines[-1][4]) < float(lines[0][4]) - 0.05
@@ -202,6 +203,7 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == sorted({best, "epoch-2-step-4"})
     info = read_json(os.path.join(out, "train_args.json"))
     assert info["world_size"] == 2 and info["ds_config"]["train_batch_size"] == 2 * 2 * 2
+    assert info["args"]["truncation"] == "turns"  # predict.py cuts prompts the same way
     assert info["ds_config"]["zero_optimization"]["stage"] == 2
     state_dir = os.path.join(out, "epoch-2-step-4", "deepspeed", "state")
     assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # optimizer state partitioned
