@@ -128,28 +128,30 @@ def check_model_path(path: str) -> None:
 def fill_training_truncation(args: argparse.Namespace) -> None:
     """--max_len / --max_src_len / --truncation not given: what the model was trained with (train_args.json, which
     train.py writes into each checkpoint and merge_params.py copies into the merged model), else the chapter's."""
-    if all(getattr(args, key) is not None for key in TRAINING_TRUNCATION):
+    missing = [key for key in TRAINING_TRUNCATION if getattr(args, key) is None]
+    if not missing:
         return
     path = os.path.join(args.model_path, "train_args.json")
-    trained = {}
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved_args = json.load(f)["args"]
-            trained = {"max_len": int(saved_args["max_len"]), "max_src_len": int(saved_args["max_src_len"]),
-                       "truncation": saved_args.get("truncation", "tokens")}  # older runs: the chapter's cut
-            if trained["truncation"] not in TRUNCATIONS:
-                raise ValueError(f"unknown truncation {trained['truncation']!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{path}: cannot read the training lengths ({e}); pass --max_len, --max_src_len and "
-                             f"--truncation")
-    for key, chapter in TRAINING_TRUNCATION.items():
-        if getattr(args, key) is None:
-            setattr(args, key, trained.get(key, chapter))
-    if trained:
-        print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} --truncation "
-              f"{args.truncation} (trained with {trained['max_len']} / {trained['max_src_len']} / "
-              f"{trained['truncation']}, from {path})", flush=True)
+    if not os.path.isfile(path):
+        for key in missing:
+            setattr(args, key, TRAINING_TRUNCATION[key])
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved_args = json.load(f)["args"]
+        # older runs have no --truncation: they cut by tokens
+        trained = {"max_len": int(saved_args["max_len"]) if "max_len" in missing else None,
+                   "max_src_len": int(saved_args["max_src_len"]) if "max_src_len" in missing else None,
+                   "truncation": saved_args.get("truncation", "tokens")}
+        if trained["truncation"] not in TRUNCATIONS:
+            raise ValueError(f"unknown truncation {trained['truncation']!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: cannot read how training cut prompts ({e}); pass "
+                         f"{', '.join('--' + key for key in missing)}")
+    for key in missing:
+        setattr(args, key, trained[key])
+    print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} --truncation "
+          f"{args.truncation} ({', '.join('--' + key for key in missing)} from {path})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,10 +124,11 @@ def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ck
     args = predict.parse_args(["--model_path", tiny_ckpt])  # no train_args.json: the chapter's lengths
     assert (args.max_len, args.max_src_len) == (2048, 1560)
     (merged_dir / "train_args.json").write_text('{"args": {"max_len": 2048}}')  # unreadable lengths: both flags do
-    with pytest.raises(SystemExit, match="cannot read the training lengths"):
+    with pytest.raises(SystemExit, match=r"cannot read how training cut prompts \(.max_src_len.\); pass --max_len, "
+                                         r"--max_src_len, --truncation"):
         predict.parse_args(["--model_path", str(merged_dir)])
     args = predict.parse_args(["--model_path", str(merged_dir), "--max_len", "1024", "--max_src_len", "500"])
-    assert (args.max_len, args.max_src_len) == (1024, 500)
+    assert (args.max_len, args.max_src_len, args.truncation) == (1024, 500, "tokens")  # the older runs' cut
 
 
 def test_merge_loads_safetensors_adapters_only(tiny_ckpt, adapter_dir, tmp_path):
