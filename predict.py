@@ -138,12 +138,9 @@ def fill_training_truncation(args: argparse.Namespace) -> None:
         return
     try:
         with open(path, encoding="utf-8") as f:
-            saved_args = json.load(f)["args"]
-        # older runs have no --truncation: they cut by tokens
-        trained = {"max_len": int(saved_args["max_len"]) if "max_len" in missing else None,
-                   "max_src_len": int(saved_args["max_src_len"]) if "max_src_len" in missing else None,
-                   "truncation": saved_args.get("truncation", "tokens")}
-        if trained["truncation"] not in TRUNCATIONS:
+            saved = {"truncation": "tokens", **json.load(f)["args"]}  # runs older than --truncation cut by tokens
+        trained = {key: saved[key] if key == "truncation" else int(saved[key]) for key in missing}
+        if trained.get("truncation", "tokens") not in TRUNCATIONS:
             raise ValueError(f"unknown truncation {trained['truncation']!r}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{path}: cannot read how training cut prompts ({e}); pass "
