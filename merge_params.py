@@ -116,7 +116,7 @@ def merge_checked(model, dtype: torch.dtype) -> float:
     to `dtype` (of the result, and of the update where the adapter is in 16 bits) plus float32 matmul error. Catches
     what the logit probe can miss in 16 bits: an update applied twice, to the wrong layer, transposed, or not at all.
     Returns the share of the update (relative L2 norm over all layers) that rounding to `dtype` took away. Memory:
-    two buffers of one layer's size at a time."""
+    three buffers of one layer's size (the reference, its bound and the error) at a time."""
     from peft.tuners.lora import LoraLayer
 
     ref = torch.float64 if dtype == torch.float32 else torch.float32
