@@ -25,7 +25,8 @@ import sys
 import unicodedata
 from typing import Sequence
 
-from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, iter_jsonl, parse_output
+from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, input_digest,
+                   iter_jsonl, parse_output)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -169,6 +170,12 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
     n_gold = {k: 0 for k in EXTRACT_KEYS}
     valid_count = exact_count = items = grounded = 0
     pairs = align(golds, preds, gold_ids, gold_name, pred_name)
+    for i, j in pairs:  # predict.py and the baselines record which prompt each answer is for
+        recorded, instruction = preds[j].get("input_digest"), golds[i].get("instruction", INSTRUCTION)
+        if recorded is not None and recorded != input_digest(f"{instruction}{golds[i]['input']}"):
+            where = f"record {i}" if gold_ids is None else f"line {gold_ids[i] + 1}"
+            raise ValueError(f"{pred_name}: prediction {j} was made for another dialogue than {gold_name} {where}; "
+                             f"point --gold at the file the predictions came from")
     for i, j in pairs:
         dialogue, gold = golds[i]["input"], gold_fields[i]
         pred, valid = parse_output(preds[j]["output"])

@@ -5,8 +5,9 @@ Interactive: paste a dialogue (as many lines as it has), end it with an empty li
 
     python predict.py --model_path output_dir_qlora/merged
 
-Batch: one JSON line per input record, `{"id", "output", "num_new_tokens"}`, appended as each batch finishes, so a
-rerun with the same --output_file resumes where the last one stopped; `python evaluate.py` scores the file.
+Batch: one JSON line per input record, `{"id", "output", "num_new_tokens", "input_digest"}`, appended as each batch
+finishes, so a rerun with the same --output_file resumes where the last one stopped (refused for other settings or
+another input file); `python evaluate.py` scores the file.
 
     python predict.py --model_path output_dir_qlora/merged \
         --input_file data/test.json --output_file predictions.jsonl --batch_size 8
@@ -32,7 +33,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, HelpFormatter, append_jsonl, build_chatml_ids,
-                   check_run_settings, iter_jsonl, load_done_ids, load_tokenizer, native_bf16, parse_output,
+                   check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16, parse_output, pending,
                    resolve_device, set_random_seed, silence_library_deprecations)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.input_file is None:
         def answer(dialogue: str) -> str:
             ids = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, args.max_len, args.max_src_len,
-                                   truncation=args.truncation)
+                                   truncation=args.truncation, instruction_chars=len(INSTRUCTION))
             if ids.truncated:
                 cut = "its last turns were left out" if args.truncation == "turns" else "its end was cut"
                 print(f"The dialogue is longer than --max_src_len {args.max_src_len} tokens: {cut}, as in training.",
@@ -186,8 +187,7 @@ def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
     try:
         device = resolve_device(args.device)
         if args.input_file is not None:
-            read_examples(args.input_file)
-            load_done_ids(args.output_file)
+            pending(read_examples(args.input_file), args.output_file, args.input_file)
             check_run_settings(args.output_file, run_settings(args, device))
     except ValueError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
@@ -258,9 +258,11 @@ def build_generation_config(tokenizer, max_new_tokens: int, do_sample: bool = Fa
     return config
 
 
-def prompt_ids(tokenizer, user_text: str, max_len: int, max_src_len: int, truncation: str = "tokens") -> list[int]:
+def prompt_ids(tokenizer, user_text: str, max_len: int, max_src_len: int, truncation: str = "tokens",
+               instruction_chars: int = 0) -> list[int]:
     """The generation prompt, truncated like training: token-identical to the training prefix."""
-    return build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation).input_ids
+    return build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
+                            instruction_chars=instruction_chars).input_ids
 
 
 def generate_batch(model, tokenizer, user_texts: Sequence[str], generation_config: GenerationConfig,
@@ -388,6 +390,7 @@ def prefill_cache(model, prompts: Sequence[Sequence[int]], capacity: int) -> Cac
 class Example:
     id: int  # 0-based line number in the input file
     user_text: str  # instruction + dialogue, as in training
+    instruction_chars: int = 0  # where the dialogue starts in user_text (the turns cut never keeps less than that)
 
 
 def read_examples(path: str) -> list[Example]:
@@ -400,7 +403,7 @@ def read_examples(path: str) -> list[Example]:
         instruction = record.get("instruction", INSTRUCTION)
         if not isinstance(instruction, str):
             raise ValueError(f"{path}:{lineno}: field 'instruction' is not a string")
-        examples.append(Example(lineno - 1, instruction + dialogue))
+        examples.append(Example(lineno - 1, instruction + dialogue, len(instruction)))
     if not examples:
         raise ValueError(f"{path}: no records (the file is empty)")
     return examples
@@ -425,14 +428,13 @@ def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size
                  generation_config: GenerationConfig, max_len: int, max_src_len: int,
                  truncation: str = "tokens") -> None:
     examples = read_examples(input_file)
-    done = load_done_ids(output_file)
-    todo = [e for e in examples if e.id not in done]
-    print(f"{input_file}: {len(examples)} records, {len(examples) - len(todo)} already in {output_file}, "
-          f"{len(todo)} to generate", flush=True)
+    todo, done = pending(examples, output_file, input_file)
+    print(f"{input_file}: {len(examples)} records, {done} already in {output_file}, {len(todo)} to generate",
+          flush=True)
     if not todo:
         return
-    chatml = {e.id: build_chatml_ids(tokenizer, e.user_text, None, max_len, max_src_len, truncation=truncation)
-              for e in todo}
+    chatml = {e.id: build_chatml_ids(tokenizer, e.user_text, None, max_len, max_src_len, truncation=truncation,
+                                     instruction_chars=e.instruction_chars) for e in todo}
     truncated = sum(ids.truncated for ids in chatml.values())
     if truncated:
         lost = "their last turns" if truncation == "turns" else "the end of their dialogue"
@@ -444,13 +446,14 @@ def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size
     start, new_tokens, written = time.perf_counter(), 0, 0
     try:
         with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
+            digests = {e.id: input_digest(e.user_text) for e in todo}
             for records in predict_batches(model, tokenizer, prompts, batch_size, generation_config):
-                append_jsonl(output_file, records)
+                append_jsonl(output_file, [{**r, "input_digest": digests[r["id"]]} for r in records])
                 new_tokens += sum(r["num_new_tokens"] for r in records)
                 written += len(records)
                 bar.update(len(records))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the {len(done) + written} predictions in {output_file} are kept; rerun the same "
+        print(f"\ninterrupted: the {done + written} predictions in {output_file} are kept; rerun the same "
               f"command to resume", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     seconds = time.perf_counter() - start

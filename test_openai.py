@@ -6,8 +6,9 @@ and is never printed or written anywhere. --base_url defaults to OPENAI_BASE_URL
 
 Batch: one request per record of data_helper's test.json (or of lines holding just {"input": dialogue}), a few at a
 time, each retried with exponential backoff on HTTP 429 / 5xx, timeouts and connection errors. Every answer is
-appended to --output_file as `{"id", "output", "model", "finish_reason"}` as soon as it arrives, so a rerun with the
-same file only asks for what is missing, including requests that failed; any failure makes the exit status 1.
+appended to --output_file as `{"id", "output", "model", "finish_reason", "input_digest"}` as soon as it arrives, so a
+rerun with the same file only asks for what is missing, including requests that failed; any failure makes the exit
+status 1. Ctrl-C waits for the requests already sent and writes their answers; a second Ctrl-C leaves at once.
 
     export OPENAI_API_KEY=...
     python test_openai.py --model gpt-4o-mini --input_file data/test.json --output_file predictions_openai.jsonl
@@ -36,7 +37,8 @@ import openai
 from tqdm import tqdm
 
 from predict import Example, interactive, read_examples, show_answer
-from utils import INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_run_settings, load_done_ids
+from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_run_settings, input_digest,
+                   pending)
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, settings), show)
     try:
         examples = read_examples(args.input_file)
-        load_done_ids(args.output_file)  # a bad results line stops here, before any request
+        pending(examples, args.output_file, args.input_file)  # a bad or foreign results file stops here
         check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
                                               "temperature": args.temperature, "max_tokens": args.max_tokens,
                                               "json_mode": args.json_mode})
@@ -237,32 +239,45 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
                  concurrency: int = 4, source: str = "input") -> list[tuple[int, str]]:
     """Ask for every example whose id is not yet in `output_file`, `concurrency` at a time, appending each answer as
     it arrives. Returns the (id, error) of the requests that failed; they are left out of the file."""
-    done = load_done_ids(output_file)
-    todo = [e for e in examples if e.id not in done]
-    print(f"{source}: {len(examples)} records, {len(examples) - len(todo)} already in {output_file}, "
+    todo, done = pending(examples, output_file, source)
+    print(f"{source}: {len(examples)} records, {done} already in {output_file}, "
           f"{len(todo)} to request from {settings.model}", flush=True)
     failures: list[tuple[int, str]] = []
     if not todo:
         return failures
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     start = time.perf_counter()
+    digests = {e.id: input_digest(e.user_text) for e in todo}
     stop = threading.Event()  # set on the way out, so that after Ctrl-C no worker starts another attempt
     pool = ThreadPoolExecutor(max_workers=concurrency)
+    recorded: set = set()
+
+    def record(future, bar) -> None:
+        recorded.add(future)
+        i = futures[future]
+        try:
+            content, finish_reason = future.result()
+        except RequestFailed as e:
+            failures.append((i, str(e)))
+            bar.write(f"id {i}: failed: {e}", file=sys.stderr)
+        else:
+            append_jsonl(output_file, [{"id": i, "output": content, "model": settings.model,
+                                        "finish_reason": finish_reason, "input_digest": digests[i]}])
+        bar.update(1)
+
     try:
         futures = {pool.submit(ask, client, e.user_text, settings, stop.wait, stop): e.id for e in todo}
         with tqdm(total=len(todo), desc=settings.model, unit="request") as bar:
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    content, finish_reason = future.result()
-                except RequestFailed as e:
-                    failures.append((i, str(e)))
-                    bar.write(f"id {i}: failed: {e}", file=sys.stderr)
-                else:
-                    append_jsonl(output_file, [{"id": i, "output": content, "model": settings.model,
-                                                "finish_reason": finish_reason}])
-                bar.update(1)
-    finally:  # after Ctrl-C: drop what has not started; what was written stays, and a rerun resumes
+            try:
+                for future in as_completed(futures):
+                    record(future, bar)
+            except KeyboardInterrupt:
+                stop.set()
+                pool.shutdown(wait=False, cancel_futures=True)  # drop what has not started
+                keep_in_flight([f for f in futures if f not in recorded and not f.cancelled()], record, bar,
+                               output_file)
+                raise
+    finally:  # what was written stays, and a rerun resumes
         stop.set()
         pool.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - start
@@ -272,6 +287,23 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
         print(f"{len(failures)} requests failed (rerun the same command to retry them): "
               + ", ".join(str(i) for i, _ in sorted(failures)), file=sys.stderr, flush=True)
     return failures
+
+
+def keep_in_flight(in_flight: list, record: Callable, bar, output_file: str) -> None:
+    """After Ctrl-C: the requests already sent are paid for, so wait for them (each at most --timeout seconds) and
+    write their answers. A second Ctrl-C leaves at once without them; everything written before stays."""
+    if not in_flight:
+        return
+    try:
+        bar.write(f"interrupted: waiting for the {len(in_flight)} requests in flight to write their answers (at "
+                  f"most --timeout seconds); Ctrl-C again leaves without them", file=sys.stderr)
+        for future in as_completed(in_flight):
+            record(future, bar)
+    except KeyboardInterrupt:
+        print(f"\nleft without them: the answers so far are in {output_file}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # the worker threads still wait on their requests, and a normal exit would join them
 
 
 # --------------------------------------------------------------------------------------------------------------

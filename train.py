@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="checkpoints, TensorBoard events, plots and train_args.json go here")
     run.add_argument("--overwrite_output_dir", action="store_true",
                      help="allow a fresh run into an output_dir that already holds checkpoints")
-    run.add_argument("--show_loss_step", type=int, default=10, help="log the training loss every N optimizer steps")
+    run.add_argument("--show_loss_step", type=int, default=10,
+                     help="log the mean training loss every N optimizer steps (and at the last)")
     run.add_argument("--save_model_step", type=int, default=100,
                      help="evaluate and checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends")
     run.add_argument("--save_total_limit", type=int, default=0,
@@ -175,19 +176,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume_from_checkpoint:
         state = resume(engine, args.resume_from_checkpoint, plan, world_size, rank, args.group_by_length)
     set_random_seed(args.seed + rank)  # dropout differs across ranks; a resume restores the saved streams below
+    loss_window = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's unlogged (loss sum, count)
     if args.resume_from_checkpoint:
-        set_rng_state(read_json(os.path.join(args.resume_from_checkpoint, f"rng_state_rank{rank}.json")))
+        rank_state = read_json(os.path.join(args.resume_from_checkpoint, f"rng_state_rank{rank}.json"))
+        set_rng_state(rank_state)
+        loss_window += torch.tensor(rank_state.get("loss_window", [0.0, 0.0]), dtype=torch.float64, device=device)
 
     writer = None
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        clear_run_outputs(args.output_dir, state.best, resumed=bool(args.resume_from_checkpoint))
         atomic_write_text(os.path.join(args.output_dir, "train_args.json"), to_json(run_info))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"),
                                purge_step=state.global_step + 1 if state.global_step else None)
     ctx = RunContext(args=args, plan=plan, engine=engine, tokenizer=tokenizer, device=device, rank=rank,
-                     world_size=world_size, test_loader=test_loader, writer=writer, run_info=run_info)
+                     world_size=world_size, test_loader=test_loader, writer=writer, run_info=run_info,
+                     loss_window=loss_window)
 
     engine.train()
     for epoch in range(state.epoch, plan.epochs + 1):
@@ -468,12 +474,14 @@ class RunContext:
     test_loader: DataLoader | None
     writer: object
     run_info: dict
+    # (sum of micro-batch losses, count) since the last logged step: it runs across epoch ends and, through each
+    # rank's rng_state_rank{r}.json, across a resume, so every logged loss is the mean over its --show_loss_step steps
+    loss_window: torch.Tensor
 
 
 def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> None:
     """Run the rest of the current epoch (or up to --stop_after_steps), evaluating and saving on schedule."""
-    args, plan, engine = ctx.args, ctx.plan, ctx.engine
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of micro-batch losses, count)
+    args, plan, engine, loss_sum = ctx.args, ctx.plan, ctx.engine, ctx.loss_window
     window_start_time, window_start_step = time.perf_counter(), state.global_step
     bar = tqdm(loader, total=plan.micro_batches_per_epoch, initial=state.micro_in_epoch, disable=ctx.rank != 0,
                desc=f"epoch {state.epoch}/{plan.epochs}", dynamic_ncols=True)
@@ -493,7 +501,7 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> N
 
         state.global_step += 1
         state.micro_in_epoch = micro_index + 1
-        if state.global_step % args.show_loss_step == 0:
+        if state.global_step % args.show_loss_step == 0 or state.global_step == plan.total_steps:
             dist.all_reduce(loss_sum)
             mean_loss = (loss_sum[0] / loss_sum[1]).item()
             loss_sum.zero_()
@@ -593,9 +601,9 @@ def finish(ctx: RunContext, state: TrainState) -> None:
 
 def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
     """output_dir/epoch-E-step-G/: adapter_model.safetensors + adapter_config.json, tokenizer files,
-    train_args.json, trainer_state.json, rng_state_rank{r}.json and deepspeed/state/ (DeepSpeed's adapter, optimizer
-    and scheduler state; ZeRO-2 writes one optimizer file per rank). Written under a temporary name and renamed, so
-    a crash leaves no half checkpoint."""
+    train_args.json, trainer_state.json, rng_state_rank{r}.json (the rank's RNG streams and unlogged loss window)
+    and deepspeed/state/ (DeepSpeed's adapter, optimizer and scheduler state; ZeRO-2 writes one optimizer file per
+    rank). Written under a temporary name and renamed, so a crash leaves no half checkpoint."""
     final = os.path.join(ctx.args.output_dir, name)
     tmp = os.path.join(ctx.args.output_dir, f".tmp-{name}")
     if ctx.rank == 0:
@@ -604,7 +612,8 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
     dist.barrier()
     ctx.engine.save_checkpoint(os.path.join(tmp, DS_STATE_DIR), tag=DS_STATE_TAG, save_latest=False,
                                exclude_frozen_parameters=True)  # the frozen base is not copied into checkpoints
-    atomic_write_text(os.path.join(tmp, f"rng_state_rank{ctx.rank}.json"), json.dumps(get_rng_state()))
+    atomic_write_text(os.path.join(tmp, f"rng_state_rank{ctx.rank}.json"),
+                      json.dumps({**get_rng_state(), "loss_window": ctx.loss_window.tolist()}))
     if ctx.rank == 0:
         ctx.engine.module.save_pretrained(tmp, safe_serialization=True)
         ctx.tokenizer.save_pretrained(tmp)
@@ -618,6 +627,28 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
         os.replace(tmp, final)
         log_rank_0(f"saved {final}", ctx.rank)
     dist.barrier()
+
+
+RUN_OUTPUTS = ("best_checkpoint.json", "train_loss.png", "test_ppl.png")  # beside the checkpoints, of one run
+
+
+def clear_run_outputs(output_dir: str, best: dict | None, resumed: bool) -> None:
+    """Rank 0, before the first step: no file beside the checkpoints may speak of another run. A new run (into a
+    directory started over with --overwrite_output_dir, say) removes the last run's best_checkpoint.json, which
+    merge_params.py would otherwise merge, its plots and its TensorBoard events; a resume rewrites
+    best_checkpoint.json from the checkpoint, since a run abandoned past that point may have recorded a later one."""
+    if not resumed:
+        for name in RUN_OUTPUTS:
+            if os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        events = os.path.join(output_dir, "tensorboard")
+        for name in os.listdir(events) if os.path.isdir(events) else []:
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(events, name))
+    elif best is not None:
+        atomic_write_text(os.path.join(output_dir, "best_checkpoint.json"), to_json(best))
+    elif os.path.isfile(os.path.join(output_dir, "best_checkpoint.json")):
+        os.remove(os.path.join(output_dir, "best_checkpoint.json"))
 
 
 def prune_checkpoints(output_dir: str, keep: int, best: dict | None, saved: str) -> list[str]:
@@ -798,6 +829,8 @@ def load_ds_json(path: str) -> dict:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
         fail(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
+    except UnicodeDecodeError:
+        fail(f"{path}: not UTF-8 text")
     if not isinstance(cfg, dict):
         fail(f"{path}: expected a JSON object")
     return cfg

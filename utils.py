@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import math
 import os
@@ -131,6 +132,24 @@ def _normalise_fields(obj: dict) -> dict:
     return fields
 
 
+def _keyed_object(value: Any, depth: int = 0) -> dict | None:
+    """`value` itself, or the first object nested in it (a few levels deep), that holds any of the 8 keys."""
+    if isinstance(value, dict):
+        if any(str(k).strip() in EXTRACT_KEYS for k in value):
+            return value
+        children = value.values()
+    elif isinstance(value, (list, tuple)):
+        children = value
+    else:
+        return None
+    if depth < 4:
+        for child in children:
+            found = _keyed_object(child, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _empty_fields() -> dict:
     """The 8 keys, all empty: [] for list fields, "" for text fields."""
     return {**{k: [] for k in LIST_KEYS}, **{k: "" for k in TEXT_KEYS}}
@@ -140,18 +159,20 @@ def parse_output(text: str) -> tuple[dict, bool]:
     """Parse a model answer into the 8 fields. Returns (fields, valid).
 
     Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
-    object, and single-quoted Python-dict output. The first object holding any of the 8 keys wins (else the first
-    object at all). Missing keys are empty; a string in a list field becomes a one-item list (a blank one, []);
-    a list in a text field is joined with ""; non-string items become strings. `valid` says whether an object was
-    found; when it is False every field is empty.
+    object, and single-quoted Python-dict output. The first object holding any of the 8 keys wins, also one wrapped
+    in another (`{"result": {…}}`, `{"data": [{…}]}`), else the first object at all. Missing keys are empty; a
+    string in a list field becomes a one-item list (a blank one, []); a list in a text field is joined with "";
+    non-string items become strings. `valid` says whether an object was found; when it is False every field is
+    empty.
     """
     first = None
     start = text.find("{")
     while start != -1:
         value, after = _object_at(text, start)
         if isinstance(value, dict):
-            if any(str(k).strip() in EXTRACT_KEYS for k in value):
-                return _normalise_fields(value), True
+            keyed = _keyed_object(value)
+            if keyed is not None:
+                return _normalise_fields(keyed), True
             if first is None:
                 first = value
             start = text.find("{", after)
@@ -180,7 +201,8 @@ TRUNCATIONS = ("tokens", "turns")
 
 
 def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int, max_src_len: int,
-                     system: str = SYSTEM_PROMPT, truncation: str = "tokens") -> ChatMLIds:
+                     system: str = SYSTEM_PROMPT, truncation: str = "tokens",
+                     instruction_chars: int = 0) -> ChatMLIds:
     """Token ids of one exchange in the chapter's layout:
 
         <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n{output}<|im_end|>
@@ -188,9 +210,9 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     With `output=None` it returns the generation prompt, which ends after `assistant\\n` and is token-identical to
     the training prefix. Labels are -100 everywhere but `assistant`, `\\n`, the answer and the final `<|im_end|>`
     (unshifted: the model shifts). A user block longer than `max_src_len` keeps its head and re-appends
-    `<|im_end|>` (the chapter's rule); with `truncation="turns"` it keeps whole leading lines instead (the token cut
-    only where not even the first line fits). An answer that does not fit is cut so the whole is exactly `max_len`
-    long.
+    `<|im_end|>` (the chapter's rule); with `truncation="turns"` it keeps whole leading lines instead: the first
+    `instruction_chars` characters of `user_text` (the instruction) and at least one line after them, else the token
+    cut. An answer that does not fit is cut so the whole is exactly `max_len` long.
     """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
@@ -202,7 +224,8 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     prompt_ids = chatml_block(tokenizer, "user", user_text)
     truncated = False
     if len(prompt_ids) > max_src_len:
-        whole_lines = leading_lines_block(tokenizer, user_text, max_src_len) if truncation == "turns" else None
+        whole_lines = (leading_lines_block(tokenizer, user_text, max_src_len, instruction_chars)
+                       if truncation == "turns" else None)
         prompt_ids = whole_lines or prompt_ids[: max_src_len - 1] + [prompt_ids[-1]]
         truncated = True
     head = system_ids + nl + prompt_ids + nl
@@ -220,13 +243,14 @@ def build_chatml_ids(tokenizer, user_text: str, output: str | None, max_len: int
     return ChatMLIds(head + output_ids, labels, truncated)
 
 
-def leading_lines_block(tokenizer, user_text: str, max_src_len: int) -> list[int] | None:
+def leading_lines_block(tokenizer, user_text: str, max_src_len: int, instruction_chars: int = 0) -> list[int] | None:
     """The user block of the most leading whole lines of `user_text` that fit in `max_src_len` tokens (a binary
-    search: a few encodings), or None when not even the first line fits."""
+    search: a few encodings). It keeps at least the instruction (the first `instruction_chars` characters) and the
+    first line of dialogue after it, else None: a cut to the instruction alone would leave no dialogue to read."""
     from qwen1_8.qwen_generation_utils import chatml_block
 
     lines = user_text.split("\n")
-    best, low, high = None, 1, len(lines) - 1
+    best, low, high = None, user_text[:instruction_chars].count("\n") + 1, len(lines) - 1
     while low <= high:
         middle = (low + high) // 2
         ids = chatml_block(tokenizer, "user", "\n".join(lines[:middle]))
@@ -248,9 +272,15 @@ def min_answer_room(max_len: int, max_src_len: int) -> int:
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, record) for each non-blank line; a bad line raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Yield (1-based line number, record) for each non-blank line; a bad line raises naming file and line. A
+    byte-order mark at the start (as some Windows editors write) is skipped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); save the file "
+                                 f"as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -292,22 +322,29 @@ def append_jsonl(path: str, records: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def load_done_ids(path: str) -> set[int]:
-    """Ids already in a results file, for resuming. A run killed mid-write can leave its last line torn (no newline
-    at the end, and not valid JSON): that line alone is dropped from the file. Any other bad line stops with its line
-    number, so nothing already written is thrown away."""
+def input_digest(user_text: str) -> str:
+    """What a result record keeps of the prompt it answers (instruction + dialogue): a short SHA-256, so that a
+    results file is never resumed, nor scored, against another input file whose line numbers happen to match."""
+    return hashlib.sha256(user_text.encode("utf-8")).hexdigest()[:16]
+
+
+def load_done(path: str) -> dict[int, str | None]:
+    """{id: input digest (None in files written before digests were)} of the records already in a results file, for
+    resuming. A run killed mid-write can leave its last line torn (no newline at the end, and not valid JSON): that
+    line alone is dropped from the file. Any other bad line stops with its line number, so nothing already written
+    is thrown away."""
     if not os.path.exists(path):
-        return set()
+        return {}
     with open(path, "rb") as f:  # bytes: a kill can also cut a multi-byte character in two
         lines = f.read().splitlines(keepends=True)
-    done: set[int] = set()
+    done: dict[int, str | None] = {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line.decode("utf-8"))
-            done.add(int(record["id"]))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            done[int(record["id"])] = record.get("input_digest")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             if lineno == len(lines) and not line.endswith(b"\n"):
                 atomic_write_text(path, b"".join(lines[:-1]).decode("utf-8"))
                 break
@@ -317,6 +354,21 @@ def load_done_ids(path: str) -> set[int]:
         if lines and not lines[-1].endswith(b"\n"):  # whole but unterminated: end it, so appends start a new line
             atomic_write_text(path, b"".join(lines).decode("utf-8") + "\n")
     return done
+
+
+def pending(examples: Sequence, output_file: str, source: str) -> tuple[list, int]:
+    """(the examples not yet answered in `output_file`, how many are). Examples have `.id` (0-based line of
+    `source`) and `.user_text`. An answered id whose recorded input is not that line's is refused: the results file
+    belongs to another input file, and resuming it would mix two data sets' answers under one name."""
+    done = load_done(output_file)
+    for e in examples:
+        recorded = done.get(e.id)
+        if recorded is not None and recorded != input_digest(e.user_text):
+            raise ValueError(f"{output_file}: the answer with id {e.id} was made for another dialogue than line "
+                             f"{e.id + 1} of {source}; write to another output file, or delete {output_file} to "
+                             f"start over")
+    todo = [e for e in examples if e.id not in done]
+    return todo, len(examples) - len(todo)
 
 
 def check_run_settings(output_file: str, settings: dict) -> None:
@@ -334,12 +386,18 @@ def check_run_settings(output_file: str, settings: dict) -> None:
                                  f"settings") from None
         changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in settings.items()
                    if key in before and before[key] != value]
+        # keys this run does not have: another program's file (predict.py's model_path, test_openai.py's endpoint)
+        changed += [f"{key} {before[key]!r} -> (none)" for key in before if key not in settings]
         if changed:
             raise ValueError(f"{output_file} was begun with other settings ({'; '.join(changed)}); resume it with "
                              f"the same ones, or write to another output file")
         if settings.keys() - before.keys():  # recorded by an older version: it knew less, so add what it lacked
             atomic_write_text(path, json.dumps({**settings, **before}, ensure_ascii=False, indent=2) + "\n")
         return
+    if begun:
+        raise ValueError(f"{output_file} holds results but no {os.path.basename(path)} saying how they were made, "
+                         f"so they cannot be resumed; write to another output file, or delete {output_file} to "
+                         f"start over")
     atomic_write_text(path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
 
 
@@ -365,7 +423,8 @@ class QwenPromptDataSet(torch.utils.data.Dataset):
                 if not isinstance(sample.get(field), str):
                     raise ValueError(f"{data_path}:{lineno}: field '{field}' is missing or not a string")
             ids = build_chatml_ids(tokenizer, sample["instruction"] + sample["input"], sample["output"],
-                                   max_len, max_src_len, truncation=truncation)
+                                   max_len, max_src_len, truncation=truncation,
+                                   instruction_chars=len(sample["instruction"]))
             if is_skip and ids.truncated:
                 self.skipped += 1
                 continue

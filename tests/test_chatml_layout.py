@@ -103,9 +103,17 @@ def test_turn_truncation_keeps_the_leading_whole_turns_that_fit(tokenizer, tmp_p
         build_chatml_ids(tokenizer, user_text, "好", 2048, 8)
     with pytest.raises(ValueError, match="truncation must be one of"):
         build_chatml_ids(tokenizer, short, "好", 2048, 1560, truncation="tail")
-    path = write_jsonl(tmp_path / "d.json", [sample(dialogue="\n".join(turns))])
+    # a first turn too long to fit: the cut never keeps the instruction alone (no dialogue), it takes the token cut
+    long_first = INSTRUCTION + "患者: " + "一直咳嗽，晚上更厉害，" * 80 + "\n医生: 多久了？\n"
+    turns_cut = build_chatml_ids(tokenizer, long_first, "好", 2048, 400, truncation="turns",
+                                 instruction_chars=len(INSTRUCTION))
+    assert turns_cut == build_chatml_ids(tokenizer, long_first, "好", 2048, 400)
+    assert "一直咳嗽" in tokenizer.decode(turns_cut.input_ids)
+    path = write_jsonl(tmp_path / "d.json", [sample(dialogue="\n".join(turns)),
+                                              sample(dialogue=long_first.removeprefix(INSTRUCTION))])
     dataset = QwenPromptDataSet(path, tokenizer, max_len=2048, max_src_len=400, is_skip=False, truncation="turns")
     assert dataset[0]["input_ids"][:end + 1] == cut.input_ids[:end + 1]
+    assert dataset[1]["input_ids"] == build_chatml_ids(tokenizer, long_first, sample()["output"], 2048, 400).input_ids
 
 
 def test_output_truncation_is_exactly_max_len(tokenizer):
@@ -135,6 +143,14 @@ def test_dataset_errors_name_file_and_line(tmp_path, tokenizer):
     bad.write_text(json.dumps(sample(), ensure_ascii=False) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.json:2: not valid JSON"):
         QwenPromptDataSet(str(bad), tokenizer, 512, 256, True)
+    line = json.dumps(sample(), ensure_ascii=False) + "\n"
+    gbk = tmp_path / "gbk.json"
+    gbk.write_bytes(line.encode("utf-8") + line.encode("gbk"))  # saved from a Chinese-locale editor
+    with pytest.raises(ValueError, match=r"gbk.json:2: not UTF-8 text \(byte 18 of the line\)"):
+        QwenPromptDataSet(str(gbk), tokenizer, 512, 256, True)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(line.encode("utf-8-sig") + line.encode("utf-8"))  # a byte-order mark is no error
+    assert len(QwenPromptDataSet(str(bom), tokenizer, 512, 256, True)) == 2
     missing = write_jsonl(tmp_path / "missing.json", [sample(), {"instruction": INSTRUCTION, "input": "x"}])
     with pytest.raises(ValueError, match=r"missing.json:2: field 'output'"):
         QwenPromptDataSet(missing, tokenizer, 512, 256, True)

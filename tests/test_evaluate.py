@@ -7,7 +7,7 @@ import time
 import pytest
 
 import evaluate as ev
-from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, format_output
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, format_output, input_digest
 
 # Our own short dialogues and extractions.
 DIALOGUE_A = "医生: 孩子哪里不舒服？\n患者: 发烧两天了，吃了布洛芬和蒙脱石散。\n医生: 先查个血常规。\n"
@@ -161,6 +161,18 @@ def test_alignment_errors(preds, message):
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
     with pytest.raises(ValueError, match=message):
         ev.evaluate(golds, preds)
+
+
+def test_predictions_for_another_input_file_are_refused():
+    """predict.py and the baselines record a digest of each prompt: scored against gold lines whose dialogue is
+    another one (same line numbers, another data set), they are refused instead of silently scored."""
+    golds = [gold(DIALOGUE_A, GOLD_A), {"input": DIALOGUE_B, "output": format_output(GOLD_B)}]
+    digests = [input_digest("抽取要素：\n" + DIALOGUE_A), input_digest(INSTRUCTION + DIALOGUE_B)]  # default instruction
+    preds = [pred(GOLD_A, id=0, input_digest=digests[0]), pred(GOLD_B, id=1, input_digest=digests[1])]
+    assert_perfect(ev.evaluate(golds, preds, gold_ids=[0, 1]), 2)
+    swapped = [pred(GOLD_A, id=0, input_digest=digests[1]), pred(GOLD_B, id=1, input_digest=digests[1])]
+    with pytest.raises(ValueError, match=r"predictions: prediction 0 was made for another dialogue than gold line 1"):
+        ev.evaluate(golds, swapped, gold_ids=[0, 1])
 
 
 def test_gold_errors():

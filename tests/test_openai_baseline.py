@@ -5,7 +5,10 @@ The server answers POST /v1/chat/completions. What it does for a request depends
 that dialogue was asked before; every other dialogue gets a JSON answer naming its marker.
 """
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,9 +18,10 @@ import openai
 import pytest
 
 import test_openai as baseline
-from utils import INSTRUCTION, SYSTEM_PROMPT
+from utils import INSTRUCTION, SYSTEM_PROMPT, input_digest
 
 SECRET = "sk-test-do-not-leak-8f3a91c2"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -152,10 +156,13 @@ def read_output(path) -> dict[int, dict]:
     return {r["id"]: r for r in records}
 
 
+def run_flags(server, tmp_path) -> list[str]:
+    return ["--base_url", server.base_url, "--input_file", str(tmp_path / "in.jsonl"),
+            "--output_file", str(tmp_path / "out.jsonl"), "--retry_base_delay", "0.001"]
+
+
 def run(server, tmp_path, *extra):
-    return baseline.main(["--base_url", server.base_url, "--input_file", str(tmp_path / "in.jsonl"),
-                          "--output_file", str(tmp_path / "out.jsonl"), "--retry_base_delay", "0.001",
-                          "--timeout", "5", *extra])
+    return baseline.main([*run_flags(server, tmp_path), "--timeout", "5", *extra])
 
 
 def assert_no_leak(tmp_path, captured):
@@ -232,6 +239,8 @@ def test_failures_are_reported_left_out_and_retried_on_rerun(server, api_key, tm
 
 def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
     write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC", "DDDD"])
+    settings = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 1024, "json_mode": False}
+    (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings), encoding="utf-8")  # a killed run's
     with open(tmp_path / "out.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": 0, "output": "{}", "model": "m"}) + "\n")
         f.write(json.dumps({"id": 2, "output": "{}", "model": "m"}) + "\n")
@@ -253,6 +262,30 @@ def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
                                          r"'http://localhost:\d+/v1/?'\)"):
         run(server, tmp_path, "--base_url", other)
     assert len(server.bodies) == 2
+
+
+def test_a_results_file_of_another_input_or_program_is_refused(server, api_key, tmp_path):
+    """Ids are line numbers, so a results file could pass for any input file; each answer records a digest of its
+    prompt, and the settings file which program and model wrote it."""
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB"])
+    assert run(server, tmp_path) == 0
+    out = read_output(tmp_path / "out.jsonl")
+    examples = baseline.read_examples(str(tmp_path / "in.jsonl"))
+    assert [out[e.id]["input_digest"] for e in examples] == [input_digest(e.user_text) for e in examples]
+    write_input(tmp_path / "in.jsonl", ["AAAA", "XXXX", "CCCC"])  # another data set, same file names
+    with pytest.raises(SystemExit, match=r"out\.jsonl: the answer with id 1 was made for another dialogue than line "
+                                         r"2 of .*in\.jsonl"):
+        run(server, tmp_path)
+    # predict.py's results file (its settings name a local model): not this program's to continue
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC"])
+    (tmp_path / "out.jsonl.settings.json").write_text(json.dumps({"model_path": "/models/merged", "dtype": "bf16"}),
+                                                      encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"other settings \(model_path '/models/merged' -> \(none\); dtype"):
+        run(server, tmp_path)
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    with pytest.raises(SystemExit, match=r"out\.jsonl holds results but no out\.jsonl\.settings\.json"):
+        run(server, tmp_path)
+    assert len(server.bodies) == 2 and len(read_output(tmp_path / "out.jsonl")) == 2
 
 
 def test_a_settings_file_from_before_the_endpoint_was_recorded_still_resumes(server, api_key, tmp_path):
@@ -351,21 +384,39 @@ def test_stop_event_prevents_further_attempts(server, api_key):
     assert server.bodies == []
 
 
-def test_ctrl_c_keeps_what_was_written(server, api_key, tmp_path, monkeypatch, capsys):
-    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC"])
-    real_append = baseline.append_jsonl
-    calls = []
-
-    def append_then_interrupt(path, records):
-        calls.append(records)
-        real_append(path, records)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(baseline, "append_jsonl", append_then_interrupt)
-    assert run(server, tmp_path, "--concurrency", "1") == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
-    assert len(read_output(tmp_path / "out.jsonl")) == 1
-    monkeypatch.setattr(baseline, "append_jsonl", real_append)
+def test_ctrl_c_keeps_the_answers_in_flight_and_sends_nothing_more(server, api_key, tmp_path, capsys):
+    """Ctrl-C while two requests are out: nothing new is sent, the two (paid for) answers are waited for and
+    written, and a rerun asks for the rest only."""
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC", "DDDD"])
+    server.delay = 1.0
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        assert run(server, tmp_path, "--concurrency", "2") == 130
+    finally:
+        timer.cancel()
+    err = capsys.readouterr().err
+    assert "waiting for the 2 requests in flight" in err and "rerun the same command to resume" in err
+    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1] and len(server.bodies) == 2
+    server.delay = 0.0
     assert run(server, tmp_path) == 0
-    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1, 2]
+    assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1, 2, 3] and server.count("CCCC") == 1
+
+
+def test_a_second_ctrl_c_leaves_at_once(server, tmp_path):
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB"])
+    server.delay = 30.0
+    env = {**os.environ, "OPENAI_API_KEY": SECRET, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "test_openai.py"), *run_flags(server, tmp_path), "--timeout", "60"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(server.bodies) < 2 and time.monotonic() < deadline:  # both requests out
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    while "waiting for the 2 requests" not in (line := proc.stderr.readline()) and line:
+        pass
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - start < 10  # not the 30 s the server takes
+    assert "left without them" in err and "Traceback" not in err and SECRET not in out + err

@@ -54,6 +54,19 @@ def test_object_with_the_keys_wins_over_an_earlier_object():
     assert parse_output(text) == (FULL, True)
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda f: {"result": f},
+    lambda f: {"data": [f]},
+    lambda f: {"status": "ok", "extraction": {"fields": f}},
+])
+def test_an_object_wrapped_in_another_is_found(wrap):
+    """API models sometimes nest the answer; an outer object with none of the keys must not hide it."""
+    assert parse_output("```json\n" + dumps(wrap(FULL)) + "\n```") == (FULL, True)
+    assert parse_output('{"note": "none"} then ' + dumps(wrap(FULL))) == (FULL, True)
+    too_deep = {"a": {"b": {"c": {"d": {"e": {"f": FULL}}}}}}
+    assert parse_output(dumps(too_deep)) == (EMPTY, True)  # only a few levels down: this is no answer any more
+
+
 def test_braces_and_quotes_inside_strings():
     fields = dict(FULL, 医疗建议="按说明书{每日三次}服用, it's fine")
     assert parse_output("```json\n" + dumps(fields) + "\n```") == (fields, True)

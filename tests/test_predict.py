@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import predict
-from utils import INSTRUCTION, build_chatml_ids
+from utils import INSTRUCTION, build_chatml_ids, input_digest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,7 +177,8 @@ def test_read_examples_accepts_bare_input_lines(tmp_path):
     write_lines(path, [{"input": DIALOGUES[0]},
                        {"instruction": "抽取：\n", "input": DIALOGUES[1], "output": "```json\n{}\n```"}])
     examples = predict.read_examples(str(path))
-    assert [(e.id, e.user_text) for e in examples] == [(0, INSTRUCTION + DIALOGUES[0]), (1, "抽取：\n" + DIALOGUES[1])]
+    assert [(e.id, e.user_text, e.instruction_chars) for e in examples] == \
+        [(0, INSTRUCTION + DIALOGUES[0], len(INSTRUCTION)), (1, "抽取：\n" + DIALOGUES[1], 4)]
     write_lines(path, [{"input": DIALOGUES[0]}, {"dialogue": "x"}])
     with pytest.raises(ValueError, match=r"in\.json:2: field 'input'"):
         predict.read_examples(str(path))
@@ -189,7 +190,10 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     records += [{"input": DIALOGUES[0] + "患者: 谢谢医生。\n"}, {"input": DIALOGUES[2]}]
     write_lines(inputs, records)
     out = tmp_path / "pred.jsonl"
-    previous = [{"id": 1, "output": "old one", "num_new_tokens": 3}, {"id": 3, "output": "old three", "num_new_tokens": 2}]
+    # a killed run's file: id 1 from before records carried their input's digest, id 3 with it, a torn last line
+    previous = [{"id": 1, "output": "old one", "num_new_tokens": 3},
+                {"id": 3, "output": "old three", "num_new_tokens": 2,
+                 "input_digest": input_digest(INSTRUCTION + DIALOGUES[0] + "患者: 谢谢医生。\n")}]
     write_lines(out, previous)
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"id": 4, "outp')  # a torn line from a killed run: id 4 is not done
@@ -204,15 +208,27 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     monkeypatch.setattr(predict, "generate_from_ids", counting)
     argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
             "--batch_size", "2", "--max_tgt_len", "4"]
+    settings = predict.run_settings(predict.parse_args(argv), torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"pred.jsonl holds results but no pred.jsonl.settings.json saying how they "
+                                         r"were made"):
+        predict.main(argv)  # whose answers are these? Not to be mixed with ours
+    (tmp_path / "pred.jsonl.settings.json").write_text(json.dumps(settings), encoding="utf-8")
     assert predict.main(argv) == 0
     assert len(generated) == 3
     lines = read_lines(out)
     assert sorted(r["id"] for r in lines) == [0, 1, 2, 3, 4]
     assert lines[:2] == previous
     for r in lines[2:]:
-        assert set(r) == {"id", "output", "num_new_tokens"} and 1 <= r["num_new_tokens"] <= 4
+        assert set(r) == {"id", "output", "num_new_tokens", "input_digest"} and 1 <= r["num_new_tokens"] <= 4
+        assert r["input_digest"] == input_digest(predict.read_examples(str(inputs))[r["id"]].user_text)
     generated.clear()
     assert predict.main(argv) == 0  # everything done: nothing is generated, nothing appended
+    assert generated == [] and len(read_lines(out)) == 5
+    # the same file names against another input file (its line 3 differs): refused before the model loads
+    write_lines(inputs, records[:2] + [{"input": DIALOGUES[0]}] + records[3:])
+    with pytest.raises(SystemExit, match=r"pred.jsonl: the answer with id 2 was made for another dialogue than line 3 "
+                                         r"of .*test.json"):
+        predict.main(argv)
     assert generated == [] and len(read_lines(out)) == 5
 
 
@@ -244,8 +260,11 @@ def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
     assert out.read_text(encoding="utf-8") == before
 
 
-def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
-    from utils import load_done_ids
+def test_load_done_drops_only_a_torn_last_line(tmp_path):
+    from utils import load_done
+
+    def load_done_ids(path):
+        return set(load_done(path))
 
     path = tmp_path / "pred.jsonl"
     path.write_text('{"id": 0, "output": "a"}\n\n{"id": 2, "output": "c"}\n{"id": 5, "out', encoding="utf-8")
@@ -255,9 +274,9 @@ def test_load_done_ids_drops_only_a_torn_last_line(tmp_path):
     path.write_bytes(cut)
     assert load_done_ids(str(path)) == {0}
     assert path.read_text(encoding="utf-8") == '{"id": 0, "output": "布洛芬"}\n'
-    path.write_text('{"id": 0, "output": "a"}\n{"id": 1, "output": "b"}', encoding="utf-8")  # whole, unterminated
-    assert load_done_ids(str(path)) == {0, 1}
-    assert path.read_text(encoding="utf-8").endswith('"b"}\n')  # the next append starts a line of its own
+    path.write_text('{"id": 0, "output": "a"}\n{"id": 1, "output": "b", "input_digest": "3f"}', encoding="utf-8")
+    assert load_done(str(path)) == {0: None, 1: "3f"}  # whole but unterminated; the first from before digests
+    assert path.read_text(encoding="utf-8").endswith('"3f"}\n')  # the next append starts a line of its own
     kept = '{"id": 0, "output": "a"}\n{"note": "by hand"}\n{"id": 1, "output": "b"}\n'
     for bad, lineno in ((kept, 2), ('{"id": 0}\nnot json\n{"id": 1}\n', 2), ('{"id": "x"}\n', 1)):
         path.write_text(bad, encoding="utf-8")
@@ -319,7 +338,7 @@ def test_ctrl_c_in_batch_mode_keeps_what_was_written(tokenizer, tmp_path, monkey
         predict.predict_file(None, tokenizer, str(inputs), str(out), 1, None, 2048, 1560)
     assert excinfo.value.code == 130
     assert "interrupted: the 1 predictions in" in capsys.readouterr().err
-    assert predict.load_done_ids(str(out)) == {0}
+    assert [r["id"] for r in read_lines(out)] == [0]
 
 
 def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp_path):

@@ -316,7 +316,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.is_activation_checkpointing
     checkpointed = grads()
     for name in plain:
@@ -328,13 +328,16 @@ def test_4bit_nf4_lora_step_on_cpu(tiny_ckpt, tokenizer):
     from transformers import BitsAndBytesConfig
     import bitsandbytes as bnb
 
+    from train import enable_activation_checkpointing
+
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     model = QWenLMHeadModel.from_pretrained(tiny_ckpt, quantization_config=quant, dtype=torch.float32,
                                             device_map={"": "cpu"})
     four_bit = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert four_bit == {"c_attn", "c_proj", "w1", "w2"}  # lm_head stays full precision
-    model = prepare_model_for_kbit_training(model)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    enable_activation_checkpointing(model)  # as train.py does it
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=sorted(four_bit), lora_dropout=0.0,
                                              task_type="CAUSAL_LM"))
     ids = torch.tensor([tokenizer.encode("医生: 孩子咳嗽几天了？\n患者: 三天了")] * 2)

@@ -145,17 +145,21 @@ def test_log_lines_schedule_and_falling_loss(single_run):
 
 def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data_dir, tmp_path):
     """4-bit NF4, one process: resumed mid-epoch, "killed" after an unsaved step, resumed again at an epoch end;
-    the final adapter is bit-identical to the uninterrupted run's."""
+    the final adapter is bit-identical to the uninterrupted run's, and so are the logged losses, each the mean over
+    its --show_loss_step steps across the epoch end and the resume."""
     out, _ = single_run
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    # From step 1 (micro-batch 4 of 6), saving every 2 steps, stopping after step 3: step 3 is lost.
+    # From step 1 (micro-batch 4 of 6), saving every 2 steps, logging every 3, stopping after step 3: step 3 is lost.
     log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, first, save_model_step=2, stop_after_steps=3,
+                                                  show_loss_step=3,
                                                   resume_from_checkpoint=os.path.join(out, "epoch-1-step-1"))])
     assert "(weights_only load)" in log and "stopped after step 3" in log  # no pickle code runs on resume
     assert sorted(d for d in os.listdir(first) if d.startswith("epoch-")) == ["epoch-1-step-2"]
-    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, second, save_model_step=2,
+    first_lines = STEP_LINE.findall(log)
+    # the step-2 checkpoint holds step 2's unlogged losses, which the step-3 line of the second run takes in
+    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, second, save_model_step=2, show_loss_step=3,
                                                   resume_from_checkpoint=os.path.join(first, "epoch-1-step-2"))])
-    assert [int(m[2]) for m in STEP_LINE.findall(log)] == [3, 4]
+    assert [int(m[2]) for m in STEP_LINE.findall(log)] == [3, 4] == [int(m[2]) for m in first_lines] + [4]
 
     final_a, final_b = os.path.join(out, "epoch-2-step-4"), os.path.join(second, "epoch-2-step-4")
     a, b = adapter(final_a), adapter(final_b)
@@ -166,7 +170,13 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     state_b = read_json(os.path.join(final_b, "trainer_state.json"))
     for key in ("epoch", "micro_in_epoch", "global_step"):
         assert state_a[key] == state_b[key], key
-    assert state_a["history"]["train"] == state_b["history"]["train"]  # the same losses and lrs, step by step
+    # single_run logged every step: per-step means over windows of 4, 2, 4, 2 micro-batches (the epoch's last is short)
+    per_step = state_a["history"]["train"]
+    step_1, step_3, step_4 = state_b["history"]["train"]
+    assert step_1 == per_step[0] and step_4 == per_step[3]  # step 1 restored; 4 is the last step, logged alone
+    assert step_3[0] == 3 and step_3[2] == per_step[2][2]
+    assert step_3[1] == pytest.approx((2 * per_step[1][1] + 4 * per_step[2][1]) / 6, rel=1e-12)  # steps 2 and 3
+    assert float(first_lines[0][4]) == pytest.approx(step_3[1], abs=1e-4)  # the same mean, unbroken by the stop
     # the sample order depends on --group_by_length: a resume that changes it is refused before anything loads
     saved_plan = train.StepPlan(**read_json(os.path.join(final_a, "trainer_state.json"))["plan"])
     with pytest.raises(SystemExit, match="was taken without --group_by_length; resume it the same way"):
@@ -273,6 +283,31 @@ def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     # per layer: c_attn 8*(64+192) + attn.c_proj 8*(64+64) + w1, w2 2*8*(64+128) + mlp.c_proj 8*(128+64); 2 layers
     assert model.get_nb_trainable_parameters()[0] == 2 * 8 * (256 + 128 + 2 * 192 + 192)
+
+
+def test_a_new_run_leaves_nothing_that_speaks_of_the_last_one(tmp_path):
+    """Started over (--overwrite_output_dir), a run that evaluates late or never must not leave the last run's
+    best_checkpoint.json for merge_params.py to merge, nor its plots and TensorBoard events; a resume rewrites
+    best_checkpoint.json from the checkpoint it resumes (an abandoned later run may have recorded another)."""
+    def fill():
+        (tmp_path / "tensorboard").mkdir(exist_ok=True)
+        (tmp_path / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"old")
+        (tmp_path / "tensorboard" / "notes.txt").write_text("the user's")
+        for name in ("best_checkpoint.json", "train_loss.png", "test_ppl.png"):
+            (tmp_path / name).write_text("old run")
+        (tmp_path / "epoch-2-step-9").mkdir(exist_ok=True)
+
+    fill()
+    train.clear_run_outputs(str(tmp_path), best=None, resumed=False)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-2-step-9", "tensorboard"]
+    assert os.listdir(tmp_path / "tensorboard") == ["notes.txt"]
+    fill()
+    best = {"path": str(tmp_path / "epoch-1-step-4"), "step": 4, "ppl": 1.7}
+    train.clear_run_outputs(str(tmp_path), best=best, resumed=True)
+    assert read_json(tmp_path / "best_checkpoint.json") == best and (tmp_path / "train_loss.png").exists()
+    train.clear_run_outputs(str(tmp_path), best=None, resumed=True)  # resumed before any evaluation
+    assert not (tmp_path / "best_checkpoint.json").exists()
+    assert len(os.listdir(tmp_path / "tensorboard")) == 2  # a resume purges the events past its step itself
 
 
 def test_prune_checkpoints_keeps_the_newest_and_the_best(tmp_path):
