@@ -17,7 +17,8 @@ slightly different base weights here: the usual QLoRA caveat. Before anything is
 checked element by element against W + (alpha / r) * B @ A computed in a wider float (only rounding to --dtype may
 part them), and the merged model's logits are compared with base + adapter on a probe prompt; the merge fails if
 either differs by more than the dtype allows. Output goes to a temporary directory that is renamed at the end, so an
-interrupted merge leaves nothing half-written, and a non-empty --save_model_dir is only replaced with --overwrite.
+interrupted merge leaves nothing half-written; a non-empty --save_model_dir is only replaced with --overwrite, and
+only when it holds an earlier merge (never a directory that holds the inputs, or other files).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="where the merged checkpoint goes; default: merged/ in the run directory (--model_dir "
                             "itself when it is a run's output_dir, else the checkpoint's parent), which is where "
                             "predict.py looks by default")
-    paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --save_model_dir")
+    paths.add_argument("--overwrite", action="store_true", help="replace an earlier merge (or other model directory) at --save_model_dir")
     run = parser.add_argument_group("precision and output")
     run.add_argument("--device", default="auto",
                      help="auto (cuda if visible, else cpu), cpu, cuda, cuda:N, or the chapter's GPU index / -1")
@@ -189,13 +190,22 @@ def validate(args: argparse.Namespace) -> None:
     if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
         fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: no config.json (not a model directory)"
              + ("; pass --ori_model_dir" if named_by else ""))
-    save = os.path.abspath(args.save_model_dir)
-    if save in (os.path.abspath(args.ori_model_dir), os.path.abspath(args.model_dir)):
-        fail(f"--save_model_dir {args.save_model_dir} must differ from the input directories")
+    save = os.path.realpath(args.save_model_dir)
+    # The save directory is replaced as a whole: it must not be, nor hold, anything the merge reads (a run directory
+    # given as --model_dir holds the checkpoint merged, and all the others).
+    for flag, path in (("--ori_model_dir", args.ori_model_dir), ("--model_dir", given),
+                       ("--model_dir's checkpoint", args.model_dir)):
+        if os.path.commonpath([save, os.path.realpath(path)]) == save:
+            fail(f"--save_model_dir {args.save_model_dir} is or holds {flag} {path}, which replacing it would "
+                 f"delete; save the merged model somewhere else")
     if os.path.exists(save) and not os.path.isdir(save):
         fail(f"--save_model_dir {args.save_model_dir} is a file")
-    if os.path.isdir(save) and os.listdir(save) and not args.overwrite:
-        fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
+    if os.path.isdir(save) and os.listdir(save):
+        if not args.overwrite:
+            fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
+        if not any(os.path.isfile(os.path.join(save, name)) for name in ("merge_info.json", "config.json")):
+            fail(f"--save_model_dir {args.save_model_dir} holds no model (no config.json): --overwrite replaces an "
+                 f"earlier merge or model directory only, never other files; empty it yourself or pick another")
 
 
 def resolve_checkpoint(model_dir: str) -> str:
@@ -258,6 +268,7 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
+    aside = tmp + "-old"
     try:
         model.save_pretrained(tmp, max_shard_size=args.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -269,12 +280,15 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
         with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
         os.chmod(tmp, 0o755)
-        if os.path.isdir(target):
-            shutil.rmtree(target)  # validate() allowed this: it is empty, or --overwrite was given
+        if os.path.isdir(target):  # validate() allowed this: it is empty, or --overwrite was given
+            os.replace(target, aside)  # the old one is deleted only once the new one is in place
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(aside) and not os.path.exists(target):
+            os.replace(aside, target)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_qwen import QWenConfig
-from .qwen_generation_utils import decode_tokens, get_stop_words_ids, make_context
+from .qwen_generation_utils import StopWordsLogitsProcessor, decode_tokens, get_stop_words_ids, make_context
 
 
 class RMSNorm(nn.Module):
@@ -68,8 +68,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, ntk_alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids (B, T); returns cos, sin of shape (B, T, 1, dim) in fp32
         device = position_ids.device
-        if all(a == 1.0 for a in ntk_alphas):
+        if all(a == 1.0 for a in ntk_alphas) and self.inv_freq.dtype == torch.float32:
             inv_freq = self.inv_freq.to(device)[None, :]  # (1, dim/2)
+        elif all(a == 1.0 for a in ntk_alphas):  # model.half() / .bfloat16() rounded the buffer: rebuild it in fp32
+            inv_freq = self._inv_freq(1.0, device)[None, :]
         else:
             inv_freq = torch.stack([self._inv_freq(a, device) for a in ntk_alphas])  # (B or 1, dim/2)
         freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, dim/2)
@@ -338,11 +340,29 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None, stop_words_ids: list[list[int]] | None = None,
+                 **kwargs):
+        """transformers' generate, plus Qwen's `stop_words_ids` (from the call, else generation_config's): once a
+        row's output ends with one of these token sequences, eos is forced on the next step."""
+        config = generation_config or self.generation_config
+        stop_words_ids = stop_words_ids if stop_words_ids is not None else getattr(config, "stop_words_ids", None)
+        if stop_words_ids:
+            eos = kwargs.get("eos_token_id", config.eos_token_id)
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            if eos is None:
+                raise ValueError("stop_words_ids needs an eos_token_id to force")
+            logits_processor = LogitsProcessorList(logits_processor or [])
+            logits_processor.append(StopWordsLogitsProcessor(stop_words_ids, int(eos)))
+        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
+                                **kwargs)
+
     @torch.no_grad()
     def chat(self, tokenizer, query: str, history: list[tuple[str, str]] | None = None,
-             system: str = "You are a helpful assistant.", generation_config: GenerationConfig | None = None,
-             **kwargs) -> tuple[str, list[tuple[str, str]]]:
-        """One ChatML turn: build the prompt from history, generate until <|im_end|>, return (response, history)."""
+             system: str = "You are a helpful assistant.", stop_words_ids: list[list[int]] | None = None,
+             generation_config: GenerationConfig | None = None, **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """One ChatML turn: build the prompt from history, generate until <|im_end|> (or one of `stop_words_ids`),
+        return (response, history)."""
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         if getattr(generation_config, "chat_format", "chatml") != "chatml":
             raise ValueError("chat() supports the chatml format only")
@@ -354,7 +374,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         model_kwargs = generation_config.update(eos_token_id=stop_ids, pad_token_id=tokenizer.eod_id, **kwargs)
         input_ids = torch.tensor([context_tokens], device=self.device)
         output = self.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                               generation_config=generation_config, **model_kwargs)
+                               generation_config=generation_config, stop_words_ids=stop_words_ids, **model_kwargs)
         response = decode_tokens(output[0], tokenizer, raw_text_len=len(raw_text),
                                  context_length=len(context_tokens), errors="replace")
         history.append((query, response))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import numbers
 import os
 import unicodedata
 from typing import Collection
@@ -149,8 +150,11 @@ class QWenTokenizer(PreTrainedTokenizer):
         return self.decoder[index]
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
-        if isinstance(ids, int):
-            return self._convert_id_to_token(ids)
+        if hasattr(ids, "tolist"):  # a tensor or numpy array (or numpy integer) of ids
+            ids = ids.tolist()
+        if isinstance(ids, numbers.Integral):
+            return self._convert_id_to_token(int(ids))
+        ids = [int(i) for i in ids]
         return [self._convert_id_to_token(i) for i in ids if not (skip_special_tokens and i >= self.eod_id)]
 
     # ---- decoding ---------------------------------------------------------------------------------------------

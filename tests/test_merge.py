@@ -69,7 +69,7 @@ def test_merged_model_matches_base_plus_adapter(tiny_ckpt, adapter_dir, tmp_path
     torch.testing.assert_close(logits(unmerged, ids), expected, atol=1e-5, rtol=0)
 
 
-def test_merge_refuses_to_overwrite(tiny_ckpt, adapter_dir, tmp_path):
+def test_merge_refuses_to_overwrite(tiny_ckpt, adapter_dir, tmp_path, monkeypatch):
     target = tmp_path / "merged"
     target.mkdir()
     (target / "keep.txt").write_text("user data")
@@ -77,9 +77,48 @@ def test_merge_refuses_to_overwrite(tiny_ckpt, adapter_dir, tmp_path):
             "--device", "cpu"]
     with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
         merge_params.main(argv)
+    with pytest.raises(SystemExit, match="holds no model .no config.json.: --overwrite replaces an earlier merge"):
+        merge_params.main(argv + ["--overwrite"])  # not a model: the user's files are never deleted
     assert os.listdir(target) == ["keep.txt"]
-    merge_params.main(argv + ["--overwrite"])
-    assert "keep.txt" not in os.listdir(target) and "config.json" in os.listdir(target)
+    (target / "keep.txt").unlink()
+    merge_params.main(argv)
+    first = (target / "merge_info.json").stat().st_mtime_ns
+    merge_params.main(argv + ["--overwrite"])  # an earlier merge is replaced as a whole
+    second = (target / "merge_info.json").stat().st_mtime_ns
+    assert second > first
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]  # nothing left aside
+    # interrupted between moving the old merge aside and moving the new one in: the old one is put back
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if os.path.basename(src).startswith(".tmp-merged-") and not src.endswith("-old"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(merge_params.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_params.main(argv + ["--overwrite"])
+    assert (target / "merge_info.json").stat().st_mtime_ns == second and "config.json" in os.listdir(target)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_merge_never_replaces_a_directory_that_holds_its_inputs(tiny_ckpt, adapter_dir, tmp_path):
+    """A run directory given as --model_dir stands for its best checkpoint; saving into the run directory itself (or
+    any directory above an input) with --overwrite would delete the checkpoints, the one merged included."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run / "epoch-1-step-10")
+    (run / "best_checkpoint.json").write_text(json.dumps({"path": str(run / "epoch-1-step-10"), "step": 10,
+                                                          "ppl": 2.0}))
+    (run / "config.json").write_text("{}")  # as if a model had been saved there once: --overwrite alone would pass
+    before = sorted(os.listdir(run))
+    for save in (run, tmp_path):
+        with pytest.raises(SystemExit, match="is or holds --model_dir('s checkpoint)? .* which replacing it would "
+                                             "delete"):
+            merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(run), "--save_model_dir", str(save),
+                               "--overwrite", "--device", "cpu"])
+    assert sorted(os.listdir(run)) == before
 
 
 def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, tmp_path):

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from transformers import GenerationConfig
+
 from qwen1_8 import QWenConfig, QWenLMHeadModel, QWenTokenizer
 from qwen1_8.modeling_qwen import ntk_alpha_for
 from qwen1_8.qwen_generation_utils import StopWordsLogitsProcessor, decode_tokens, make_context
@@ -285,6 +287,41 @@ def test_stop_words_processor_forces_eos():
         StopWordsLogitsProcessor([[]], eos_token_id=1)
 
 
+def test_generate_and_chat_take_stop_words_ids(model, tokenizer):
+    """Qwen's generate() and chat() API (SPEC 2.4): after a stop sequence in the output, eos is forced next step."""
+    ids = tokenizer.encode("hello")
+    free = greedy(model, ids, 6).tolist()
+    eos = tokenizer.eod_id
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                         stop_words_ids=[free[1:3]])[0, len(ids):].tolist()
+    assert out == free[:3] + [eos]  # the two-token sequence ended at step 3, so step 4 is eos
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                              stop_words_ids=[free[:1]])
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         generation_config=config)[0, len(ids):].tolist()
+    assert out == free[:1] + [eos]  # from generation_config.stop_words_ids
+    _, ctx = make_context(tokenizer, "你好")
+    chat_free = greedy(model, ctx, 4).tolist()
+    stops = {tokenizer.im_end_id, tokenizer.im_start_id, eos}
+    assert not stops & set(chat_free[:3])  # so it is the stop words that end the answer below
+    response, _ = model.chat(tokenizer, "你好", None, "You are a helpful assistant.", [chat_free[:2]],
+                             max_new_tokens=4, do_sample=False)  # SPEC's positional order: system, stop_words_ids
+    assert response == tokenizer.decode(chat_free[:2]).strip()
+
+
+def test_rotary_tables_stay_fp32_after_a_cast():
+    """model.half() / .bfloat16() round the inv_freq buffer; the tables must still be the fp32 ones."""
+    from qwen1_8.modeling_qwen import RotaryEmbedding
+
+    rotary = RotaryEmbedding(128)
+    positions = torch.arange(2048)[None]
+    cos, sin = rotary(positions, [1.0])
+    for dtype in (torch.bfloat16, torch.float16):
+        cast_cos, cast_sin = rotary.to(dtype)(positions, [1.0])
+        assert torch.equal(cast_cos, cos) and torch.equal(cast_sin, sin)
+
+
 def test_make_context_history_and_window(tokenizer):
     raw, ctx = make_context(tokenizer, "现在呢？", history=[("你好", "你好！"), ("头疼", "多久了？")])
     assert raw.endswith("<|im_start|>user\n现在呢？<|im_end|>\n<|im_start|>assistant\n")
@@ -356,8 +393,11 @@ def test_4bit_nf4_lora_step_on_cpu(tiny_ckpt, tokenizer):
 def test_auto_classes_load_without_remote_code(tiny_ckpt):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from transformers import AutoTokenizer
+
     assert isinstance(AutoConfig.from_pretrained(tiny_ckpt), QWenConfig)
     assert isinstance(AutoModelForCausalLM.from_pretrained(tiny_ckpt), QWenLMHeadModel)
+    assert isinstance(AutoTokenizer.from_pretrained(tiny_ckpt), QWenTokenizer)
 
 
 def test_make_tiny_writes_the_real_layout(tiny_ckpt):

@@ -64,6 +64,17 @@ def test_decode_skip_special(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "user\nHello"
 
 
+def test_convert_ids_to_tokens_takes_tensors_and_numpy_ids(tokenizer):
+    import numpy as np
+    import torch
+
+    expected = ["<|im_start|>", b"user"]
+    assert tokenizer.convert_ids_to_tokens([151644, 872]) == expected
+    assert tokenizer.convert_ids_to_tokens(torch.tensor([151644, 872])) == expected
+    assert tokenizer.convert_ids_to_tokens(np.array([151644, 872])) == expected
+    assert tokenizer.convert_ids_to_tokens(np.int64(9707)) == tokenizer.convert_ids_to_tokens(torch.tensor(9707)) == b"Hello"
+
+
 def test_pad_token_is_settable():
     tok = QWenTokenizer(vocab_file=packaged_vocab_file())
     assert tok.pad_token_id is None
