@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="where the merged checkpoint goes; default: merged/ in the run directory (--model_dir "
                             "itself when it is a run's output_dir, else the checkpoint's parent), which is where "
                             "predict.py looks by default")
-    paths.add_argument("--overwrite", action="store_true", help="replace an earlier merge (or other model directory) at --save_model_dir")
+    paths.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier merge (or other model directory) at --save_model_dir")
     run = parser.add_argument_group("precision and output")
     run.add_argument("--device", default="auto",
                      help="auto (cuda if visible, else cpu), cpu, cuda, cuda:N, or the chapter's GPU index / -1")

@@ -443,10 +443,10 @@ def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size
     prompts = {i: ids.input_ids for i, ids in chatml.items()}
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)
+    digests = {e.id: input_digest(e.user_text) for e in todo}
     start, new_tokens, written = time.perf_counter(), 0, 0
     try:
         with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
-            digests = {e.id: input_digest(e.user_text) for e in todo}
             for records in predict_batches(model, tokenizer, prompts, batch_size, generation_config):
                 append_jsonl(output_file, [{**r, "input_digest": digests[r["id"]]} for r in records])
                 new_tokens += sum(r["num_new_tokens"] for r in records)

@@ -68,10 +68,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, ntk_alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids (B, T); returns cos, sin of shape (B, T, 1, dim) in fp32
         device = position_ids.device
-        if all(a == 1.0 for a in ntk_alphas) and self.inv_freq.dtype == torch.float32:
-            inv_freq = self.inv_freq.to(device)[None, :]  # (1, dim/2)
-        elif all(a == 1.0 for a in ntk_alphas):  # model.half() / .bfloat16() rounded the buffer: rebuild it in fp32
-            inv_freq = self._inv_freq(1.0, device)[None, :]
+        if all(a == 1.0 for a in ntk_alphas):
+            # the buffer, unless model.half() / .bfloat16() rounded it: then rebuilt in fp32
+            exact = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._inv_freq(1.0)
+            inv_freq = exact.to(device)[None, :]  # (1, dim/2)
         else:
             inv_freq = torch.stack([self._inv_freq(a, device) for a in ntk_alphas])  # (B or 1, dim/2)
         freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, dim/2)
