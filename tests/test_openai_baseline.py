@@ -63,10 +63,10 @@ class FakeServer:
                     server.seen[marker] = attempt + 1
                 try:
                     time.sleep(server.delay)
-                    self.respond(body, marker, attempt)
-                finally:
+                finally:  # before the reply: once the client has it, it may send the next request at once
                     with server.lock:
                         server.in_flight -= 1
+                self.respond(body, marker, attempt)
 
             def respond(self, body, marker, attempt):
                 if not server.healthy:
