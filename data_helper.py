@@ -16,7 +16,8 @@ import json
 import os
 import random
 
-from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, format_output
+from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, format_output,
+                   parse_output)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,16 +36,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_records(path: str) -> list:
     """The JSON array in `path`."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not an error
             data = json.load(f)
     except OSError as e:
         raise ValueError(f"{path}: cannot read the file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
+        if not e.doc.strip():
+            raise ValueError(f"{path}: the file is empty (expected a JSON array of records)") from None
         raise ValueError(f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: the array holds no records")
     return data
 
 
@@ -73,6 +78,8 @@ def parse_extract(value, where: str) -> dict:
         items = value[key]
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise ValueError(f"{where}: extract_text['{key}'] must be a list of strings, got {items!r:.60}")
+        if not all(x.strip() for x in items):
+            raise ValueError(f"{where}: extract_text['{key}'] has an empty item: {items!r:.60}")
         extract[key] = list(dict.fromkeys(items))
     for key in TEXT_KEYS:
         if not isinstance(value[key], str):
@@ -102,18 +109,29 @@ def build_samples(records: list, path: str) -> list[dict]:
     return samples
 
 
-def drop_repeated_dialogues(samples: list[dict]) -> tuple[list[dict], list[int]]:
-    """The samples with each dialogue kept once (its first record), and the indices of the records dropped: a
-    dialogue in both splits would be tested on what was trained on."""
-    seen: set[str] = set()
-    kept, dropped = [], []
+def unquoted_items(samples: list[dict]) -> list[int]:
+    """Indices of the samples with a list item that is not copied verbatim from the dialogue, which the instruction
+    asks for (the chapter's test set has none); kept, since an annotator may have normalised a span on purpose."""
+    return [index for index, sample in enumerate(samples)
+            if any(item not in sample["input"] for key in LIST_KEYS for item in parse_output(sample["output"])[0][key])]
+
+
+def drop_repeated_dialogues(samples: list[dict]) -> tuple[list[dict], list[int], list[int]]:
+    """The samples with each dialogue kept once (its first record), the indices of the records dropped, and those of
+    the dropped records whose labels differ from the kept one's. A dialogue in both splits would be tested on what
+    was trained on; dialogues that differ only in white space are the same dialogue."""
+    first: dict[str, dict] = {}
+    kept, dropped, relabelled = [], [], []
     for index, sample in enumerate(samples):
-        if sample["input"] in seen:
+        key = " ".join(sample["input"].split())
+        if key in first:
             dropped.append(index)
+            if sample["output"] != first[key]["output"]:
+                relabelled.append(index)
         else:
-            seen.add(sample["input"])
+            first[key] = sample
             kept.append(sample)
-    return kept, dropped
+    return kept, dropped, relabelled
 
 
 def split_samples(samples: list[dict], test_size: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -130,16 +148,31 @@ def to_jsonl(samples: list[dict]) -> str:
     return "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
 
-def write_if_changed(path: str, text: str) -> None:
-    """Atomically; a file that already holds exactly this text is left alone, so its timestamp tells `make` (and
-    anything else that checks it) that the split did not change."""
+def holds(path: str, text: str) -> bool:
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            if f.read() == text:
-                return
+            return f.read() == text
     except (OSError, UnicodeDecodeError):
-        pass
-    atomic_write_text(path, text)
+        return False
+
+
+def write_split(files: dict[str, str]) -> None:
+    """Write {path: text} all or nothing: every file goes to a temporary file first and the renames come last, so a
+    failed write never leaves a new train file beside an old test file (they could share dialogues). A file that
+    already holds exactly its text is left alone, so its timestamp tells `make` that the split did not change."""
+    staged = []
+    try:
+        for path, text in files.items():
+            if not holds(path, text):
+                tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
+                atomic_write_text(tmp, text)
+                staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,17 +181,28 @@ def main(argv: list[str] | None = None) -> None:
         paths = [os.path.abspath(p) for p in (args.all_path, args.train_path, args.test_path)]
         if len(set(paths)) < 3:
             raise ValueError("--all_path, --train_path and --test_path must be three different files")
-        samples, dropped = drop_repeated_dialogues(build_samples(load_records(args.all_path), args.all_path))
+        all_samples = build_samples(load_records(args.all_path), args.all_path)
+        samples, dropped, relabelled = drop_repeated_dialogues(all_samples)
         train, test = split_samples(samples, args.test_size, args.seed)
     except ValueError as e:
         raise SystemExit(f"data_helper: error: {e}") from None
     if dropped:
         print(f"{args.all_path}: dropped {len(dropped)} records whose dialogue repeats an earlier record's "
-              f"(records {', '.join(map(str, dropped[:5]))}{', ...' if len(dropped) > 5 else ''})")
-    for path, split in ((args.train_path, train), (args.test_path, test)):
-        write_if_changed(path, to_jsonl(split))
+              f"({records_named(dropped)})")
+    if relabelled:
+        print(f"{args.all_path}: warning: {len(relabelled)} of the dropped records had other labels than the record "
+              f"kept ({records_named(relabelled)}); check which is right")
+    unquoted = unquoted_items(all_samples)
+    if unquoted:
+        print(f"{args.all_path}: warning: {len(unquoted)} records list an item that does not occur verbatim in their "
+              f"dialogue ({records_named(unquoted)}); the model is asked to copy spans")
+    write_split({args.train_path: to_jsonl(train), args.test_path: to_jsonl(test)})
     print(f"read {len(samples) + len(dropped)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
           f"{len(test)} to {args.test_path} (seed {args.seed})")
+
+
+def records_named(indices: list[int]) -> str:
+    return f"records {', '.join(map(str, indices[:5]))}{', ...' if len(indices) > 5 else ''}"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ with no JSON object counts as all-empty fields.
 
 List fields (药品名称, 药物类别, 医疗检查, 医疗操作) compare sets of whitespace-stripped items; text fields (现病史,
 辅助检查, 诊断结果, 医疗建议) compare characters through the longest common subsequence, whitespace removed. Counts
-are pooled over all samples before dividing (micro averages); "overall" is the mean of the 8 fields, and "list
+are pooled over all samples before dividing (micro averages); "macro avg" ("overall" in the JSON report) averages
+each of precision, recall and F1 over the 8 fields, so its F1 is not the F1 of its precision and recall; "list
 micro" pools the items of the 4 list fields, every extracted span counting alike. With `--json` only the report is
 printed, as JSON.
 """
@@ -25,8 +26,8 @@ import sys
 import unicodedata
 from typing import Sequence
 
-from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, input_digest,
-                   iter_jsonl, parse_output)
+from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, answer_object, atomic_write_text,
+                   input_digest, iter_jsonl, parse_output)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,8 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, path in (("--gold", args.gold), *(("--pred", p) for p in args.pred)):
         if not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file")
-    if len(set(args.pred)) < len(args.pred):
+    if len(set(map(os.path.realpath, args.pred))) < len(args.pred):
         parser.error("--pred names the same file twice")
+    if args.report and os.path.realpath(args.report) in map(os.path.realpath, (args.gold, *args.pred)):
+        parser.error(f"--report {args.report} is one of the input files; it would be overwritten")
     return args
 
 
@@ -120,8 +123,12 @@ def align(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
     if len(preds) != len(golds):
         raise ValueError(f"{pred_name} has {len(preds)} predictions but {gold_name} has {len(golds)} records; "
                          f"finish the predictions (a rerun resumes) or point --gold at the file they came from")
-    if not preds or not all("id" in p for p in preds):
+    without = [j for j, p in enumerate(preds) if "id" not in p]
+    if len(without) == len(preds):
         return [(i, i) for i in range(len(preds))]
+    if without:  # order would pair the lines that have ids with the wrong gold lines
+        raise ValueError(f"{pred_name}: prediction {without[0]} has no 'id' but others have one; give every "
+                         f"prediction its id (the 0-based gold line) or none")
     index_of = {gid: i for i, gid in enumerate(gold_ids)}
     pairs, seen = [], set()
     for j, pred in enumerate(preds):
@@ -157,10 +164,13 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
         for field in ("input", "output"):
             if not isinstance(gold.get(field), str):
                 raise ValueError(f"{where}: field '{field}' is missing or not a string")
-        fields, valid = parse_output(gold["output"])
-        if not valid:
+        answer = answer_object(gold["output"])
+        if answer is None:
             raise ValueError(f"{where}: the gold 'output' holds no JSON object")
-        gold_fields.append(fields)
+        missing = [k for k in EXTRACT_KEYS if k not in {str(key).strip() for key in answer}]
+        if missing:
+            raise ValueError(f"{where}: the gold 'output' lacks the key(s) {', '.join(missing)}")
+        gold_fields.append(parse_output(gold["output"])[0])
     for j, pred in enumerate(preds):
         if not isinstance(pred.get("output"), str):
             raise ValueError(f"{pred_name}: prediction {j}: field 'output' is missing or not a string")
@@ -265,9 +275,10 @@ def _ljust(text: str, width: int) -> str:
 
 def format_table(report: dict) -> str:
     lines = [f"{_ljust('field', 10)} {'precision':>9} {'recall':>9} {'f1':>9}"]
-    rows = [*report["fields"].items(), ("overall", report["overall"]), ("list micro", report["list_fields_micro"])]
+    # "macro avg": each of P, R and F1 averaged over the 8 fields (so its F1 is not the F1 of its P and R)
+    rows = [*report["fields"].items(), ("macro avg", report["overall"]), ("list micro", report["list_fields_micro"])]
     for name, scores in rows:
-        if name == "overall":
+        if name == "macro avg":
             lines.append("-" * 40)
         lines.append(f"{_ljust(name, 10)} {scores['precision']:>9.4f} {scores['recall']:>9.4f} {scores['f1']:>9.4f}")
     lines.append(f"samples {report['n']} | JSON valid {report['json_valid_rate']:.4f} | "
@@ -284,7 +295,7 @@ def format_comparison(reports: dict[str, dict]) -> str:
         lines.append(f"{_ljust(key, 10)} "
                      + " ".join(f"{r['fields'][key]['f1']:>{width}.4f}" for r in reports.values()))
     lines.append("-" * (11 + (width + 1) * len(reports)))
-    for label, pick in (("overall", lambda r: r["overall"]["f1"]),
+    for label, pick in (("macro avg", lambda r: r["overall"]["f1"]),
                         ("list micro", lambda r: r["list_fields_micro"]["f1"]),
                         ("JSON valid", lambda r: r["json_valid_rate"]), ("exact", lambda r: r["exact_match"]),
                         ("grounded", lambda r: r["grounded_rate"])):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -92,10 +93,41 @@ def _object_at(text: str, start: int) -> tuple[Any, int]:
     if end is None:
         return None, start + 1
 
-    try:
-        return ast.literal_eval(text[start:end + 1]), end + 1
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None, start + 1
+    literal = text[start:end + 1]
+    for attempt in (literal, _python_constants(literal)):
+        try:
+            return ast.literal_eval(attempt), end + 1
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            pass
+    return None, start + 1
+
+
+_JSON_CONSTANT = re.compile(r"(?<![\w.])(null|true|false)(?![\w.])")
+_PYTHON_CONSTANT = {"null": "None", "true": "True", "false": "False"}
+
+
+def _python_constants(literal: str) -> str:
+    """`literal` with JSON's null / true / false outside strings spelled the Python way, for the literal fallback
+    (JSON that also has a trailing comma or single quotes needs both repairs)."""
+    def python(match: re.Match) -> str:
+        return _PYTHON_CONSTANT[match.group(1)]
+
+    out, quote, plain, i = [], None, 0, 0  # literal[plain:i] is the part not yet copied
+    while i < len(literal):
+        ch = literal[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                out.append(literal[plain:i + 1])
+                quote, plain = None, i + 1
+        elif ch in "\"'":
+            out.append(_JSON_CONSTANT.sub(python, literal[plain:i]))
+            quote, plain = ch, i
+        i += 1
+    rest = literal[plain:]
+    out.append(rest if quote else _JSON_CONSTANT.sub(python, rest))
+    return "".join(out)
 
 
 def _as_text(value: Any) -> str:
@@ -155,16 +187,10 @@ def _empty_fields() -> dict:
     return {**{k: [] for k in LIST_KEYS}, **{k: "" for k in TEXT_KEYS}}
 
 
-def parse_output(text: str) -> tuple[dict, bool]:
-    """Parse a model answer into the 8 fields. Returns (fields, valid).
-
-    Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
-    object, and single-quoted Python-dict output. The first object holding any of the 8 keys wins, also one wrapped
-    in another (`{"result": {…}}`, `{"data": [{…}]}`), else the first object at all. Missing keys are empty; a
-    string in a list field becomes a one-item list (a blank one, []); a list in a text field is joined with "";
-    non-string items become strings. `valid` says whether an object was found; when it is False every field is
-    empty.
-    """
+def answer_object(text: str) -> dict | None:
+    """The object a model answer gives, before its fields are normalised: the first object holding any of the 8 keys,
+    also one wrapped in another (`{"result": {…}}`, `{"data": [{…}]}`), else the first object at all; None if the
+    text holds no object."""
     first = None
     start = text.find("{")
     while start != -1:
@@ -172,15 +198,28 @@ def parse_output(text: str) -> tuple[dict, bool]:
         if isinstance(value, dict):
             keyed = _keyed_object(value)
             if keyed is not None:
-                return _normalise_fields(keyed), True
+                return keyed
             if first is None:
                 first = value
             start = text.find("{", after)
         else:
             start = text.find("{", start + 1)
-    if first is not None:
-        return _normalise_fields(first), True
-    return _empty_fields(), False
+    return first
+
+
+def parse_output(text: str) -> tuple[dict, bool]:
+    """Parse a model answer into the 8 fields. Returns (fields, valid).
+
+    Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
+    object, single-quoted Python-dict output, trailing commas and JSON constants among them. The object is
+    `answer_object`'s. Missing keys are empty; a string in a list field becomes a one-item list (a blank one, []); a
+    list in a text field is joined with ""; non-string items become strings. `valid` says whether an object was
+    found; when it is False every field is empty.
+    """
+    obj = answer_object(text)
+    if obj is None:
+        return _empty_fields(), False
+    return _normalise_fields(obj), True
 
 
 # --------------------------------------------------------------------------------------------------------------

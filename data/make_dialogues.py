@@ -594,6 +594,14 @@ WORRIES_ADULT = (
 EVENT_SYMPTOMS = ("呕吐", "咳嗽", "腹泻", "腹痛", "流涕", "打喷嚏", "耳痛", "咽痛", "头晕")
 # Categories spoken of with 用 rather than 吃.
 APPLIED_CATEGORIES = ("外用药", "眼药", "鼻腔用药", "激素", "抗真菌药")
+# Wording that fits only a baby, or only a child, inside pools that older patients draw from too. A finished line
+# swaps it for the plain wording, after all draws, so every other record stays as it was.
+BABY_WORDING = (("吐奶", "呕吐"), ("奶量下降", "饭量下降"), ("奶瓶餐具要消毒", "餐具要消毒"))
+CHILD_WORDING = (("孩子的脾胃比较弱，一次吃太多", "脾胃弱的时候一次吃太多"), ("疹子没消退前别去幼儿园", "疹子没消退前先别去上班"),
+                 ("该玩玩，精神不错", "精神还不错"), ("不爱玩", "没劲"), ("有没有揪耳朵？", "耳朵胀不胀？"),
+                 ("老揪耳朵", "耳朵胀"), ("不揪", "不胀"), ("没喊肚子疼", "肚子不疼"), ("喊肚子疼", "肚子一阵阵地疼"),
+                 ("没见挠", "不怎么挠"))
+
 CHILD_WORDS = ("孩子", "宝宝", "儿子", "女儿", "闺女", "小孩", "宝贝")
 CN = "零一二三四五六七八九十"
 
@@ -749,6 +757,14 @@ class Builder:
             dose += "，" + self.pick(("先用三天看看效果", "症状好了就可以停", "连用五到七天", "不要自己加量",
                                      "用完了再跟我说说情况", "和别的药隔开半小时"))
         return dose
+
+    def fit(self, line: str) -> str:
+        """The line in words that fit the patient's age (BABY_WORDING, CHILD_WORDING)."""
+        for wording, applies in ((BABY_WORDING, not self.infant), (CHILD_WORDING, not self.child)):
+            if applies:
+                for said, instead in wording:
+                    line = line.replace(said, instead)
+        return line
 
     @property
     def subj(self) -> str:
@@ -918,7 +934,10 @@ class Builder:
         elif self.chance(0.6):
             self.doc(self.pick(("请问您多大年纪？", "您今年多大了？", "方便说一下年龄和性别吗？")))
             sex = "男的" if self.facts.sex == "男" else "女的"
-            self.pat(self.pick((age_said, f"{sex}，{age_said}", f"{age_said}，{sex}")))
+            answer = self.pick((age_said, f"{sex}，{age_said}", f"{age_said}，{sex}"))
+            self.pat(answer)
+            if answer == age_said:
+                self.facts.sex = ""  # not said, so the summary may not state it
         else:
             self.facts.age_sum = ""
 
@@ -1284,7 +1303,7 @@ class Builder:
         if self.child:
             subject = self.pick(("患儿", f"{f.age_sum}患儿", f"患儿{f.age_sum}，"))
         elif f.age_sum and self.chance(0.5):
-            subject = f"患者{f.sex}，{f.age_sum}，"
+            subject = f"患者{f.sex}，{f.age_sum}，" if f.sex else f"患者{f.age_sum}，"
         main, *others = f.positives
         triggers = [h for h in f.history if h.endswith("后")]
         trigger = triggers[0] if triggers and self.chance(0.7) else ""
@@ -1321,7 +1340,7 @@ def make_record(seed: int, index: int) -> dict:
     while True:
         b = Builder(rng)
         b.build()
-        text = "".join(f"{speaker}: {line}\n" for speaker, line in b.lines)
+        text = "".join(f"{speaker}: {b.fit(line)}\n" for speaker, line in b.lines)
         extract = {k: list(b.found[k]) for k in LIST_KEYS}
         extract.update(b.summaries())
         extract = {k: extract[k] for k in EXTRACT_KEYS}

@@ -11,6 +11,14 @@ if ROOT not in sys.path:
 REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 
 
+def pytest_configure(config):
+    """Hide the library deprecations the scripts hide too: pytest resets warning filters around each test."""
+    from utils import LIBRARY_DEPRECATIONS
+
+    for message in LIBRARY_DEPRECATIONS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:FutureWarning")
+
+
 @pytest.fixture(scope="session")
 def reference_dir():
     if not os.path.isdir(REFERENCE):

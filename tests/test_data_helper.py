@@ -19,7 +19,7 @@ def extract(i: int) -> dict:
 
 
 def records(n: int = 12) -> list[dict]:
-    return [{"dialogue_text": f"医生: 第{i}位，哪里不舒服？\n患者: 孩子咳嗽{i}天，吃了药{i}和布洛芬\n",
+    return [{"dialogue_text": f"医生: 第{i}位，哪里不舒服？\n患者: 孩子咳嗽{i}天，吃了退烧药：药{i}和布洛芬，还做了雾化\n",
              "extract_text": extract(i)} for i in range(n)]
 
 
@@ -133,7 +133,9 @@ def test_list_fields_are_deduplicated():
 
 def test_a_repeated_dialogue_is_kept_once_so_no_test_dialogue_was_trained_on(tmp_path, capsys):
     data = records(12)
-    data += [dict(data[3]), dict(data[3], extract_text=extract(99)), dict(data[7])]  # records 12, 13, 14
+    # records 12, 13, 14: the same dialogue, the same with other labels, and the same but for white space
+    data += [dict(data[3]), dict(data[3], extract_text=extract(99)),
+             dict(data[7], dialogue_text=data[7]["dialogue_text"].replace("\n", " \n", 1) + "  ")]
     train, test = run(tmp_path, data, "--test_size", "4")
     inputs = [json.loads(line)["input"] for line in train + test]
     assert len(inputs) == 12 and sorted(inputs) == sorted(r["dialogue_text"] for r in records(12))
@@ -141,7 +143,39 @@ def test_a_repeated_dialogue_is_kept_once_so_no_test_dialogue_was_trained_on(tmp
     assert fence_json(kept["output"]) == extract(3)  # the first record of a repeated dialogue is the one kept
     out = capsys.readouterr().out
     assert "dropped 3 records whose dialogue repeats an earlier record's (records 12, 13, 14)" in out
+    assert "warning: 1 of the dropped records had other labels than the record kept (records 13)" in out
     assert "read 15 records" in out
+
+
+def test_items_not_copied_from_the_dialogue_are_named(tmp_path, capsys):
+    data = records(6)
+    data[2]["extract_text"]["药品名称"] = ["布洛芬混悬液"]  # the dialogue says 布洛芬
+    run(tmp_path, data, "--test_size", "2")
+    assert "1 records list an item that does not occur verbatim in their dialogue (records 2)" in capsys.readouterr().out
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    train, test = run(tmp_path, None, "--test_size", "2", raw="\ufeff" + json.dumps(records(6), ensure_ascii=False))
+    assert len(train) + len(test) == 6
+
+
+def test_a_failed_write_leaves_both_old_files(tmp_path, monkeypatch):
+    """train.json and test.json are replaced together or not at all: a new train split beside an old test split
+    could share dialogues."""
+    run(tmp_path, records(12), "--test_size", "4", "--seed", "1")
+    before = [(tmp_path / n).read_bytes() for n in ("train.json", "test.json")]
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".tmp-test.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(data_helper.os, "replace", replace)
+    with pytest.raises(OSError):
+        run(tmp_path, records(12), "--test_size", "4", "--seed", "2")
+    assert [(tmp_path / n).read_bytes() for n in ("train.json", "test.json")] == before
+    assert sorted(os.listdir(tmp_path)) == ["all.json", "test.json", "train.json"]
 
 
 def _with(index: int, **changes) -> list:
@@ -186,7 +220,9 @@ BAD_INPUTS = {
     "text field not a string": (_extract_with(4, "辅助检查", None), None,
                                 ["record 4", "'辅助检查'", "must be a string"]),
     "test_size too large": (records(6), None, ["--test_size 50", "(6)"]),
-    "empty array": ([], None, ["--test_size 50", "(0)"]),
+    "empty array": ([], None, ["the array holds no records"]),
+    "empty file": (None, " \n", ["the file is empty"]),
+    "blank list item": (_extract_with(3, "医疗操作", ["雾化", " "]), None, ["record 3", "'医疗操作'", "empty item"]),
 }
 
 

@@ -140,8 +140,7 @@ def test_exact_match_rate():
 def test_alignment_by_id_and_by_order():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
     assert_perfect(ev.evaluate(golds, [pred(GOLD_B, id=1), pred(GOLD_A, id=0)]), 2)
-    # not every prediction has an id: order decides, and the stray id is ignored
-    assert_perfect(ev.evaluate(golds, [pred(GOLD_A, id=1), pred(GOLD_B)]), 2)
+    # no prediction has an id: order decides
     swapped = ev.evaluate(golds, [pred(GOLD_B), pred(GOLD_A)])
     assert swapped["exact_match"] == 0.0
     # ids refer to the gold lines given
@@ -156,6 +155,8 @@ def test_alignment_by_id_and_by_order():
     ([pred(GOLD_A)], "has 1 predictions but gold has 2 records"),
     ([pred(GOLD_A), pred(GOLD_B), pred(GOLD_B)], "has 3 predictions but gold has 2 records"),
     ([pred(GOLD_A), {"id": 1}], "field 'output' is missing"),
+    # a file where some lines have ids: order would score them against the wrong gold lines
+    ([pred(GOLD_B, id=1), pred(GOLD_A)], "prediction 1 has no 'id' but others have one"),
 ])
 def test_alignment_errors(preds, message):
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
@@ -181,6 +182,10 @@ def test_gold_errors():
         ev.evaluate([gold(DIALOGUE_A, GOLD_A), bad], [pred(GOLD_A), pred(GOLD_A)])
     with pytest.raises(ValueError, match="field 'input' is missing"):
         ev.evaluate([{"output": format_output(GOLD_A)}], [pred(GOLD_A)])
+    # a gold answer without all 8 keys is a broken test file, not a set of empty fields
+    partial = {"input": DIALOGUE_A, "output": '```json\n{"药品名称": [], "现病史": "发烧"}\n```'}
+    with pytest.raises(ValueError, match=r"gold: record 0: the gold 'output' lacks the key\(s\) 药物类别, 医疗检查"):
+        ev.evaluate([partial], [pred(GOLD_A)])
     with pytest.raises(ValueError, match="no records"):
         ev.evaluate([], [])
 
@@ -261,7 +266,7 @@ def test_cli_table(tmp_path, capsys):
     out = capsys.readouterr().out
     for key in EXTRACT_KEYS:
         assert key in out
-    assert "overall" in out and "0.5000" in out
+    assert "macro avg" in out and "0.5000" in out
     assert "samples 1 | JSON valid 0.0000 | exact match 0.0000 | grounded n/a" in out
 
 
@@ -288,6 +293,18 @@ def test_cli_compares_several_prediction_files(tmp_path, capsys):
     assert any(line.startswith("JSON valid") and line.split()[2:] == ["1.0000", "0.5000"] for line in out)
     with pytest.raises(SystemExit):
         ev.main(["--gold", str(gold_file), "--pred", paths[0], paths[0]])
+
+
+@pytest.mark.parametrize("target", ["gold", "pred"])
+def test_cli_report_may_not_overwrite_an_input(tmp_path, target):
+    gold_file, pred_file = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_jsonl(gold_file, [gold(DIALOGUE_A, GOLD_A)])
+    write_jsonl(pred_file, [pred(GOLD_A, id=0)])
+    before = {p: p.read_bytes() for p in (gold_file, pred_file)}
+    report = os.path.join(str(tmp_path), ".", (gold_file if target == "gold" else pred_file).name)
+    with pytest.raises(SystemExit):
+        ev.main(["--gold", str(gold_file), "--pred", str(pred_file), "--report", report])
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_cli_count_mismatch_names_both_files(tmp_path):

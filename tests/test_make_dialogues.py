@@ -1,6 +1,7 @@
 """data/make_dialogues.py: byte-reproducible, and every record has the shape of the chapter's data (SPEC §5)."""
 import json
 import os
+import random
 
 import pytest
 
@@ -38,6 +39,11 @@ def check_record(record: dict) -> None:
     assert json.loads(output[len("```json\n"):-len("\n```")]) == extract
     # nothing in the inventories occurs in the dialogue without being extracted
     assert md.unlisted_spans(text, {k: extract[k] for k in LIST_KEYS}) == []
+    # the summary states the sex only where the patient said it, and an adult's dialogue has no child's wording
+    if extract["现病史"].startswith(("患者男，", "患者女，")):
+        assert ("男的" if extract["现病史"][2] == "男" else "女的") in text
+    if "患儿" not in extract["现病史"]:
+        assert not [said for said, _ in md.BABY_WORDING + md.CHILD_WORDING if said in text]
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -62,6 +68,17 @@ def test_shorter_run_is_a_prefix():
 def test_many_generated_records_hold_the_invariants():
     for record in md.generate(120, 99):
         check_record(record)
+
+
+def test_wording_fits_the_age():
+    builder = md.Builder(random.Random(0))
+    line = "宝宝吐奶两天了，不爱玩，老揪耳朵"
+    builder.child, builder.infant = True, True
+    assert builder.fit(line) == line
+    builder.infant = False
+    assert builder.fit(line) == "宝宝呕吐两天了，不爱玩，老揪耳朵"
+    builder.child = False
+    assert builder.fit(line) == "宝宝呕吐两天了，没劲，耳朵胀"
 
 
 def test_unlisted_spans():

@@ -79,6 +79,11 @@ def test_single_quoted_python_dict():
     # Python literals and a trailing comma are repaired too; nothing is ever executed
     assert parse_output("{'药品名称': ['阿莫西林',], '辅助检查': None, '现病史': '咳嗽',}") == (
         dict(EMPTY, 药品名称=["阿莫西林"], 现病史="咳嗽"), True)
+    # JSON with a trailing comma and JSON constants needs both repairs; "null" inside a string stays text
+    assert parse_output('{"药品名称": ["A"], "辅助检查": null, "现病史": "null, true",\n}') == (
+        dict(EMPTY, 药品名称=["A"], 现病史="null, true"), True)
+    assert parse_output("{'诊断结果': 'x', '药品名称': [false, true],}") == (
+        dict(EMPTY, 诊断结果="x", 药品名称=["False", "True"]), True)
 
 
 def test_raw_newline_inside_a_string():
