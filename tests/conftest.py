@@ -17,6 +17,8 @@ def pytest_configure(config):
 
     for message in LIBRARY_DEPRECATIONS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:FutureWarning")
+    # raised inside torch itself (torch.utils.mkldnn, reached through torch.fx while a model is built): not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="session")
