@@ -262,7 +262,7 @@ def add_lora(model: nn.Module, lora_dim: int, lora_alpha: int, lora_dropout: flo
 def enable_activation_checkpointing(model: nn.Module) -> None:
     # Non-reentrant checkpointing works with a frozen embedding, so no input-grad hook is needed.
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers >= 5.x
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name (5.23 has it, 5.17 does not)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -7,14 +7,16 @@
 #
 # Steps: train_synthetic (bench_train, 2 x 2,048 tokens), train_real (bench_train on data/train.json),
 # train_real_mask (the same with the explicit attention mask: the before of dropping it),
-# predict (bench_predict, 50 test dialogues, 128 new tokens, batches 8/16/32; about 5 minutes on an H100, most of it
-# the one-at-a-time baseline), predict_fp32 (a short fp32 run whose outputs must equal the baseline's: in bf16,
-# near-ties among 151,936 random logits round differently in the two paths, so bf16 outputs may differ),
+# predict (bench_predict, 50 test dialogues, 128 new tokens, batches 8/16/32; about 6-7 minutes on an H100, most of
+# it the one-at-a-time baseline at ~4.2 s per dialogue), predict_fp32 (a short fp32 run whose outputs must equal the
+# baseline's: in bf16, near-ties among 151,936 random logits round differently in the two paths, so bf16 outputs
+# differ),
 # trainpy (train.py itself under the deepspeed launcher on one GPU, 20 optimizer steps of the chapter's command, for
 # s/step and peak memory; its figures are its step lines, repeated at the end).
-# All steps take about 12 minutes on an H100: where one command may run 10, run them as two commands, e.g.
-# `train_synthetic train_real train_real_mask trainpy` and `predict predict_fp32`. A failed step is reported and the
-# next one still runs; the exit status is 1 if any failed. STEP_TIMEOUT=<seconds> bounds each step.
+# All steps take about 11 minutes on an H100: where one command may run 10, run them as two commands,
+# `train_synthetic train_real train_real_mask trainpy` (4 minutes on 2026-11-22, building the checkpoint included)
+# and `predict predict_fp32` (about 7). A failed step is reported and the next one still runs; the exit status is 1
+# if any failed. STEP_TIMEOUT=<seconds> bounds each step: give predict 480 or more.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

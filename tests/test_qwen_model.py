@@ -353,8 +353,10 @@ def test_gradient_checkpointing_gives_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_activation_checkpointing
+    from train import enable_activation_checkpointing  # train.py's own switch, for either transformers API
+
+    enable_activation_checkpointing(model)
+    assert getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False)
     checkpointed = grads()
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
