@@ -27,7 +27,7 @@ import unicodedata
 from typing import Sequence
 
 from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, answer_object, atomic_write_text,
-                   input_digest, iter_jsonl, parse_output)
+                   input_digest, iter_jsonl, normalise_fields, parse_output)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -170,7 +170,7 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
         missing = [k for k in EXTRACT_KEYS if k not in {str(key).strip() for key in answer}]
         if missing:
             raise ValueError(f"{where}: the gold 'output' lacks the key(s) {', '.join(missing)}")
-        gold_fields.append(parse_output(gold["output"])[0])
+        gold_fields.append(normalise_fields(answer))
     for j, pred in enumerate(preds):
         if not isinstance(pred.get("output"), str):
             raise ValueError(f"{pred_name}: prediction {j}: field 'output' is missing or not a string")

@@ -143,7 +143,7 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def _normalise_fields(obj: dict) -> dict:
+def normalise_fields(obj: dict) -> dict:
     """The 8 keys with their declared types: list fields hold lists of strings, text fields hold strings."""
     by_key = {str(k).strip(): v for k, v in obj.items()}
     fields: dict = {}
@@ -219,7 +219,7 @@ def parse_output(text: str) -> tuple[dict, bool]:
     obj = answer_object(text)
     if obj is None:
         return _empty_fields(), False
-    return _normalise_fields(obj), True
+    return normalise_fields(obj), True
 
 
 # --------------------------------------------------------------------------------------------------------------
