@@ -106,9 +106,9 @@ clean:
 	@echo "==> removing caches"
 	rm -rf .pytest_cache __pycache__ */__pycache__
 
-clean-demo:
-	@echo "==> removing $(DEMO)/ and the data split"
-	rm -rf $(DEMO) data/train.json data/test.json
+clean-demo:  # the data split stays: it is the same from data/all.json and the seed, and a real run may use it
+	@echo "==> removing $(DEMO)/"
+	rm -rf $(DEMO)
 
 distclean: clean clean-demo
 	@echo "==> removing $(VENV)"

@@ -45,7 +45,11 @@ def load_records(path: str) -> list:
     except json.JSONDecodeError as e:
         if not e.doc.strip():
             raise ValueError(f"{path}: the file is empty (expected a JSON array of records)") from None
-        raise ValueError(f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno})") from None
+        hint = (" (it looks like JSON Lines, one record per line, such as a split this script wrote; --all_path takes "
+                "the JSON array of all records)" if e.msg.startswith("Extra data") and e.doc.lstrip().startswith("{")
+                else "")
+        raise ValueError(f"{path}: not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column {e.colno})"
+                         f"{hint}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(data).__name__}")
     if not data:

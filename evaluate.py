@@ -184,7 +184,8 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
         recorded, instruction = preds[j].get("input_digest"), golds[i].get("instruction", INSTRUCTION)
         if recorded is not None and recorded != input_digest(f"{instruction}{golds[i]['input']}"):
             where = f"record {i}" if gold_ids is None else f"line {gold_ids[i] + 1}"
-            raise ValueError(f"{pred_name}: prediction {j} was made for another dialogue than {gold_name} {where}; "
+            which = f"the prediction with id {preds[j]['id']}" if "id" in preds[j] else f"prediction {j}"
+            raise ValueError(f"{pred_name}: {which} was made for another dialogue than {gold_name} {where}; "
                              f"point --gold at the file the predictions came from")
     for i, j in pairs:
         dialogue, gold = golds[i]["input"], gold_fields[i]

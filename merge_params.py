@@ -175,6 +175,8 @@ def validate(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, flags=re.IGNORECASE):
         fail(f"--max_shard_size {args.max_shard_size!r}: expected a number and a unit, KB, MB, GB or TB (e.g. 2GB)")
     given = args.model_dir
+    if not os.path.isdir(given):
+        fail(f"--model_dir {given}: no such directory (a train.py checkpoint, or the run's --output_dir)")
     args.model_dir = resolve_checkpoint(given)
     if args.save_model_dir is None:
         run_dir = given if args.model_dir != given else os.path.dirname(os.path.abspath(args.model_dir))
@@ -189,7 +191,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.ori_model_dir is None:
         args.ori_model_dir, named_by = recorded_base(args.model_dir), " (named by its adapter_config.json)"
     if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
-        fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: no config.json (not a model directory)"
+        problem = "no config.json (not a model directory)" if os.path.isdir(args.ori_model_dir) else \
+            "no such directory (the base model train.py started from; README §1 says how to get Qwen-1_8B-Chat)"
+        fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: {problem}"
              + ("; pass --ori_model_dir" if named_by else ""))
     save = os.path.realpath(args.save_model_dir)
     # The save directory is replaced as a whole: it must not be, nor hold, anything the merge reads (a run directory

@@ -91,7 +91,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, prog: str = "predict.py") -> None:
+    """Every flag checked before anything loads; an error names the script, as argparse's own do."""
+    try:
+        check_flags(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise SystemExit(f"{prog}: error: {e.code}") from None
+        raise
+
+
+def check_flags(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.max_tgt_len < 1:
@@ -113,17 +123,40 @@ def check_model_path(path: str) -> None:
     """A model directory (config.json, or a train.py checkpoint's adapter on the base it names) with the tokenizer's
     vocabulary; a run's output_dir is named as such, since it is the easy mistake after training."""
     if not os.path.isdir(path):
-        raise SystemExit(f"--model_path {path}: no such directory")
+        raise SystemExit(f"--model_path {path}: " + ("a file, not a model directory" if os.path.exists(path)
+                                                     else "no such directory"))
     has = set(os.listdir(path))
     if "best_checkpoint.json" in has and not {"config.json", "adapter_config.json"} & has:
         raise SystemExit(f"--model_path {path} is a train.py run directory, not a model: merge its best checkpoint "
                          f"first (python merge_params.py --model_dir {path} --save_model_dir {path}/merged) and pass "
-                         f"the merged directory")
+                         f"the merged directory, or pass one of its checkpoints (best_checkpoint.json names the best)")
     if not {"config.json", "adapter_config.json"} & has:
         raise SystemExit(f"--model_path {path}: no config.json (not a model directory)")
+    if "config.json" not in has:
+        check_adapter_base(path)
     if "qwen.tiktoken" not in has:
         raise SystemExit(f"--model_path {path}: no qwen.tiktoken (the tokenizer's vocabulary; merge_params.py and "
                          f"train.py checkpoints carry it)")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if "config.json" in has and not has & set(weights):
+        raise SystemExit(f"--model_path {path}: no weights ({' / '.join(weights)})")
+
+
+def check_adapter_base(checkpoint: str) -> None:
+    """An unmerged train.py checkpoint loads on the base model its adapter_config.json names: train.py's
+    --model_name_or_path as given, so a relative path only holds from the directory train.py ran in."""
+    config = os.path.join(checkpoint, "adapter_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{config}: cannot read it ({e})") from None
+    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
+        raise SystemExit(f"--model_path {checkpoint} is a train.py checkpoint whose adapter_config.json names the base "
+                         f"model {base!r}, which is no model directory from {os.getcwd()} (train.py records the path "
+                         f"as it was given). Run from the directory train.py ran in, or merge the checkpoint "
+                         f"(python merge_params.py --model_dir {checkpoint} --ori_model_dir <base model>) and pass "
+                         f"the merged directory")
 
 
 def fill_training_truncation(args: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_arg_parser(__doc__, model_path=BASE_MODEL_PATH, output_file="predictions_base.jsonl").parse_args(argv)
-    check_args(args)
+    check_args(args, "test_qwen.py")
     return args
 
 

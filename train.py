@@ -116,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--save_model_step", type=int, default=100,
                      help="evaluate and checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends")
     run.add_argument("--save_total_limit", type=int, default=0,
-                     help="keep only the N newest checkpoints, plus the best one; 0 = keep all (each 1.8B "
-                          "checkpoint holds ~160 MB of optimizer state)")
+                     help="keep only the N newest checkpoints, plus the best one; 0 = keep all (a 1.8B "
+                          "checkpoint is ~0.28 GB: the adapter and its fp32 Adam state)")
     run.add_argument("--resume_from_checkpoint", default="",
                      help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly")
     run.add_argument("--stop_after_steps", type=int, default=0,
@@ -787,6 +787,11 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.resume_from_checkpoint:
         ckpt = args.resume_from_checkpoint
+        if not os.path.isdir(ckpt):
+            parent = os.path.dirname(os.path.normpath(ckpt)) or "."
+            found = sorted(d for d in os.listdir(parent) if CHECKPOINT_NAME.match(d)) if os.path.isdir(parent) else []
+            fail(f"--resume_from_checkpoint {ckpt}: no such directory"
+                 + (f"; {parent} holds {', '.join(found)}" if found else ""))
         for needed in ("trainer_state.json", os.path.join(DS_STATE_DIR, DS_STATE_TAG), "rng_state_rank0.json"):
             if not os.path.exists(os.path.join(ckpt, needed)):
                 fail(f"--resume_from_checkpoint {ckpt}: {needed} is missing (not a checkpoint of train.py?)")

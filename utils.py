@@ -322,13 +322,16 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                                  f"as UTF-8") from None
             if not line.strip():
                 continue
+            # a JSON array (data/all.json) given for a split: say which format is expected
+            hint = (" (the file starts a JSON array, like data/all.json; this takes JSON Lines, one record per line, "
+                    "as data_helper.py writes the splits)" if line.lstrip().startswith("[") else "")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column "
-                                 f"{e.colno})") from None
+                                 f"{e.colno}){hint}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
             yield lineno, record
 
 

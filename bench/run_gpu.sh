@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT_DIR=${OUT_DIR:-bench/gpu_out}
-TRAIN_OUT=${TRAIN_OUT:-bench/gpu_train_run}  # train.py's checkpoints (about 0.25 GB each)
+TRAIN_OUT=${TRAIN_OUT:-bench/gpu_train_run}  # train.py's checkpoints (about 0.28 GB each)
 MODEL=bench/tiny_qwen_h2048_l24_a16_i11008_s1234_bfloat16  # what bench_train --real_shape builds (seed 1234)
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(train_synthetic train_real train_real_mask predict predict_fp32 trainpy)

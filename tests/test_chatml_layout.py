@@ -143,6 +143,12 @@ def test_dataset_errors_name_file_and_line(tmp_path, tokenizer):
     bad.write_text(json.dumps(sample(), ensure_ascii=False) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.json:2: not valid JSON"):
         QwenPromptDataSet(str(bad), tokenizer, 512, 256, True)
+    for text in ("[\n" + json.dumps(sample()) + "\n]\n", json.dumps([sample()]) + "\n"):  # data/all.json's format
+        array = tmp_path / "all.json"
+        array.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"all.json:1: .*starts a JSON array, like data/all.json; this takes JSON "
+                                             r"Lines"):
+            QwenPromptDataSet(str(array), tokenizer, 512, 256, True)
     line = json.dumps(sample(), ensure_ascii=False) + "\n"
     gbk = tmp_path / "gbk.json"
     gbk.write_bytes(line.encode("utf-8") + line.encode("gbk"))  # saved from a Chinese-locale editor

@@ -222,6 +222,8 @@ BAD_INPUTS = {
     "test_size too large": (records(6), None, ["--test_size 50", "(6)"]),
     "empty array": ([], None, ["the array holds no records"]),
     "empty file": (None, " \n", ["the file is empty"]),
+    "a split given as all.json": (None, '{"instruction": "x", "input": "y", "output": "z"}\n{"instruction": "x"}\n',
+                                  ["Extra data at line 2", "looks like JSON Lines", "takes the JSON array"]),
     "blank list item": (_extract_with(3, "医疗操作", ["雾化", " "]), None, ["record 3", "'医疗操作'", "empty item"]),
 }
 

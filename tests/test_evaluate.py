@@ -171,9 +171,13 @@ def test_predictions_for_another_input_file_are_refused():
     digests = [input_digest("抽取要素：\n" + DIALOGUE_A), input_digest(INSTRUCTION + DIALOGUE_B)]  # default instruction
     preds = [pred(GOLD_A, id=0, input_digest=digests[0]), pred(GOLD_B, id=1, input_digest=digests[1])]
     assert_perfect(ev.evaluate(golds, preds, gold_ids=[0, 1]), 2)
-    swapped = [pred(GOLD_A, id=0, input_digest=digests[1]), pred(GOLD_B, id=1, input_digest=digests[1])]
-    with pytest.raises(ValueError, match=r"predictions: prediction 0 was made for another dialogue than gold line 1"):
+    swapped = [pred(GOLD_B, id=1, input_digest=digests[1]), pred(GOLD_A, id=0, input_digest=digests[1])]
+    with pytest.raises(ValueError, match=r"predictions: the prediction with id 0 was made for another dialogue than "
+                                         r"gold line 1"):
         ev.evaluate(golds, swapped, gold_ids=[0, 1])
+    without_ids = [pred(GOLD_A, input_digest=digests[1]), pred(GOLD_B, input_digest=digests[1])]
+    with pytest.raises(ValueError, match=r"predictions: prediction 0 was made for another dialogue than gold record 0"):
+        ev.evaluate(golds, without_ids)
 
 
 def test_gold_errors():

@@ -121,10 +121,16 @@ def test_merge_never_replaces_a_directory_that_holds_its_inputs(tiny_ckpt, adapt
     assert sorted(os.listdir(run)) == before
 
 
-def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, tmp_path):
+def test_merge_rejects_a_directory_without_an_adapter(tiny_ckpt, adapter_dir, tmp_path):
     with pytest.raises(SystemExit, match="no adapter_config.json"):
         merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", tiny_ckpt,
                            "--save_model_dir", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="--model_dir .*output_dir_nope: no such directory"):
+        merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(tmp_path / "output_dir_nope")])
+    with pytest.raises(SystemExit, match="Qwen-1_8-chat: no such directory .*README §1"):
+        merge_params.main(["--ori_model_dir", str(tmp_path / "Qwen-1_8-chat"), "--model_dir", adapter_dir,
+                           "--save_model_dir", str(tmp_path / "m")])
+    assert not os.path.exists(tmp_path / "m")
 
 
 def test_run_dir_means_its_best_checkpoint_and_lengths_travel_to_predict(tiny_ckpt, adapter_dir, tmp_path,
@@ -209,7 +215,7 @@ def test_base_and_output_default_to_the_run(tiny_ckpt, adapter_dir, tmp_path, mo
     config = json.loads((moved / "adapter_config.json").read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
-    with pytest.raises(SystemExit, match=r"gone \(named by its adapter_config.json\): no config.json .*; pass "
+    with pytest.raises(SystemExit, match=r"gone \(named by its adapter_config.json\): no such directory .*; pass "
                                          r"--ori_model_dir"):
         merge_params.main(["--model_dir", str(moved), "--save_model_dir", str(tmp_path / "m2"), "--device", "cpu"])
 

@@ -295,6 +295,7 @@ def test_bad_inputs_stop_before_the_model_loads(case, tmp_path, monkeypatch):
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
     (model_dir / "qwen.tiktoken").write_text("")
+    (model_dir / "model.safetensors").write_bytes(b"")
     inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
     argv = ["--model_path", str(model_dir), "--input_file", str(inputs), "--output_file", str(out), "--device", "cpu"]
@@ -351,8 +352,19 @@ def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp
         predict.parse_args(["--model_path", str(run_dir)])
     with pytest.raises(SystemExit, match="no config.json"):
         predict.parse_args(["--model_path", str(tmp_path)])
+    with pytest.raises(SystemExit, match="a file, not a model directory"):
+        predict.parse_args(["--model_path", str(run_dir / "best_checkpoint.json")])
+    checkpoint = tmp_path / "epoch-1-step-4"  # an unmerged checkpoint whose base does not resolve from here
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text('{"base_model_name_or_path": "moved/tiny_qwen/"}')
+    (checkpoint / "qwen.tiktoken").write_text("")
+    with pytest.raises(SystemExit, match="names the base model 'moved/tiny_qwen/', which is no model directory from"):
+        predict.parse_args(["--model_path", str(checkpoint)])
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="no qwen.tiktoken"):
+        predict.parse_args(["--model_path", str(tmp_path)])
+    (tmp_path / "qwen.tiktoken").write_text("")
+    with pytest.raises(SystemExit, match="no weights .model.safetensors / model.safetensors.index.json"):
         predict.parse_args(["--model_path", str(tmp_path)])
     for flags in (["--temperature", "0"], ["--top_p", "0"], ["--top_p", "1.5"]):
         with pytest.raises(SystemExit, match="--do_sample needs --temperature > 0 and 0 < --top_p <= 1"):

@@ -476,7 +476,8 @@ def test_ds_config_never_overrides_a_flag_silently():
         train.build_ds_config(template, ds_args(), 1, "fp32", plan)
 
 
-@pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json", "old_run"])
+@pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json", "old_run",
+                                  "mistyped_resume"])
 def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
     argv = flags(tiny_ckpt, data_dir, str(tmp_path / "out"))
     if case == "missing_model_dir":
@@ -497,6 +498,10 @@ def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
         bad.write_text('{"train_batch_size": "auto",\n "zero_optimization": {"stage": 2,}}\n')
         argv += [f"--ds_file={bad}"]
         expected = f"{bad}:2:"
+    elif case == "mistyped_resume":  # the checkpoints that do exist are named
+        os.makedirs(tmp_path / "out" / "epoch-1-step-4")
+        argv += [f"--resume_from_checkpoint={tmp_path / 'out' / 'epoch-1-step-5'}"]
+        expected = f"epoch-1-step-5: no such directory; {tmp_path / 'out'} holds epoch-1-step-4"
     else:  # a finished or interrupted run is never overwritten by accident
         for name in ("epoch-1-step-9", "epoch-2-step-10", "epoch-1-step-2"):
             os.makedirs(tmp_path / "out" / name)
@@ -508,6 +513,8 @@ def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
     assert message.startswith("train.py: error:") and expected in message
     if case == "old_run":
         assert sorted(os.listdir(tmp_path / "out")) == ["epoch-1-step-2", "epoch-1-step-9", "epoch-2-step-10"]
+    elif case == "mistyped_resume":
+        assert os.listdir(tmp_path / "out") == ["epoch-1-step-4"]
     else:
         assert not os.path.exists(tmp_path / "out")
 
