@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, HelpFormatter, append_jsonl, build_chatml_ids,
+from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, HelpFormatter, append_jsonl, build_chatml_ids,
                    check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16, parse_output, pending,
                    resolve_device, set_random_seed, silence_library_deprecations)
 
@@ -137,9 +137,8 @@ def check_model_path(path: str) -> None:
     if "qwen.tiktoken" not in has:
         raise SystemExit(f"--model_path {path}: no qwen.tiktoken (the tokenizer's vocabulary; merge_params.py and "
                          f"train.py checkpoints carry it)")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if "config.json" in has and not has & set(weights):
-        raise SystemExit(f"--model_path {path}: no weights ({' / '.join(weights)})")
+    if "config.json" in has and not has & set(WEIGHT_FILES):
+        raise SystemExit(f"--model_path {path}: no weights ({' / '.join(WEIGHT_FILES)})")
 
 
 def check_adapter_base(checkpoint: str) -> None:

@@ -49,8 +49,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from utils import (IGNORE_INDEX, TRUNCATIONS, DataCollator, HelpFormatter, QwenPromptDataSet, atomic_write_text,
-                   load_tokenizer, native_bf16, print_rank_0, set_random_seed, silence_library_deprecations)
+from utils import (IGNORE_INDEX, TRUNCATIONS, WEIGHT_FILES, DataCollator, HelpFormatter, QwenPromptDataSet,
+                   atomic_write_text, load_tokenizer, native_bf16, print_rank_0, set_random_seed,
+                   silence_library_deprecations)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -774,12 +775,11 @@ def validate_args(args: argparse.Namespace) -> None:
     model_dir = args.model_name_or_path
     if not os.path.isdir(model_dir):
         fail(f"--model_name_or_path {model_dir}: no such directory")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     for needed, what in (("config.json", "config.json"), ("qwen.tiktoken", "the tokenizer vocabulary qwen.tiktoken")):
         if not os.path.isfile(os.path.join(model_dir, needed)):
             fail(f"--model_name_or_path {model_dir}: {what} is missing")
-    if not any(os.path.isfile(os.path.join(model_dir, w)) for w in weights):
-        fail(f"--model_name_or_path {model_dir}: no weights ({' / '.join(weights)})")
+    if not any(os.path.isfile(os.path.join(model_dir, w)) for w in WEIGHT_FILES):
+        fail(f"--model_name_or_path {model_dir}: no weights ({' / '.join(WEIGHT_FILES)})")
     for flag in ("train_path", "test_path", "ds_file"):
         path = getattr(args, flag)
         if (path or flag != "test_path") and not os.path.isfile(path):
