@@ -322,17 +322,23 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
                                  f"as UTF-8") from None
             if not line.strip():
                 continue
-            # a JSON array (data/all.json) given for a split: say which format is expected
-            hint = (" (the file starts a JSON array, like data/all.json; this takes JSON Lines, one record per line, "
-                    "as data_helper.py writes the splits)" if line.lstrip().startswith("[") else "")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column "
-                                 f"{e.colno}){hint}") from None
+                                 f"{e.colno}){_array_hint(lineno, line)}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                                 f"{_array_hint(lineno, line)}")
             yield lineno, record
+
+
+def _array_hint(lineno: int, line: str) -> str:
+    """For a bad first line: a JSON array (data/all.json given for a split) is named, with the format expected."""
+    if lineno != 1 or not line.lstrip().startswith("["):
+        return ""
+    return (" (the file starts a JSON array, like data/all.json; this takes JSON Lines, one record per line, as "
+            "data_helper.py writes the splits)")
 
 
 def atomic_write_text(path: str, text: str) -> None:
