@@ -233,6 +233,7 @@ def build_model(args: argparse.Namespace, precision: str, device: torch.device) 
                                                 device_map=device_map)
         # Freezes the base and upcasts its norms/embeddings; checkpointing is left to our own flag below.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_training_kernels(model)
     else:
         model = QWenLMHeadModel.from_pretrained(args.model_name_or_path, dtype=dtype, device_map=device_map)
         model.requires_grad_(False)
@@ -240,6 +241,23 @@ def build_model(args: argparse.Namespace, precision: str, device: torch.device) 
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return add_lora(model, args.lora_dim, args.lora_alpha, args.lora_dropout)
+
+
+def keep_4bit_training_kernels(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a Linear4bit for its CPU inference kernel when train.py evaluates.
+
+    On a CPU with AVX512-BF16, a Linear4bit run in eval mode without grad repacks its weight for a bf16 gemv kernel
+    and keeps it so until its state_dict is taken, which unpacks it through a lossy inverse (absmax rounded to bf16,
+    then quantized again). Each evaluation here is followed by a checkpoint save, so each one nudged the frozen base a
+    little, and a run resumed between two evaluations no longer matched the uninterrupted one; a training step between
+    the two would have run the base through that kernel, which has no backward. With this, training computes the same
+    before and after an evaluation, and the same as on a CPU without AVX512-BF16 or on a GPU.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_target_names(model: nn.Module) -> list[str]:

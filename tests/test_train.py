@@ -285,6 +285,42 @@ def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_
     assert model.get_nb_trainable_parameters()[0] == 2 * 8 * (256 + 128 + 2 * 192 + 192)
 
 
+def test_an_evaluation_leaves_4bit_training_unchanged(tiny_ckpt):
+    """On a CPU with AVX512-BF16 (this one, if `lscpu` lists avx512_bf16), bitsandbytes would repack every Linear4bit
+    for its bf16 inference kernel at the first no-grad eval forward and keep it so until a state_dict (a checkpoint
+    save) unpacks it, lossily. After train.build_model, the loss, every LoRA gradient and the saved 4-bit base are
+    bit-identical before and after an evaluation, on any CPU."""
+    args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--lora_dim", "8", "--lora_dropout", "0"])
+    model = train.build_model(args, "fp32", torch.device("cpu"))
+    ids = torch.randint(0, 151_000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.train()
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_before, grads_before = loss_and_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    loss_after, grads_after = loss_and_grads()
+    assert torch.equal(loss_before, loss_after)
+    # lora_B of the first layer gets its gradient back through the second layer's base linears
+    assert grads_before.keys() == grads_after.keys() and any(g.abs().sum() > 0 for g in grads_before.values())
+    for name, grad in grads_before.items():
+        assert torch.equal(grad, grads_after[name]), name
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    base_after = model.state_dict()  # as a checkpoint save takes it right after an evaluation
+    assert base_before.keys() == base_after.keys() and any(".absmax" in k for k in base_after)
+    for name, tensor in base_before.items():
+        assert torch.equal(tensor, base_after[name]), name
+
+
 def test_a_new_run_leaves_nothing_that_speaks_of_the_last_one(tmp_path):
     """Started over (--overwrite_output_dir), a run that evaluates late or never must not leave the last run's
     best_checkpoint.json for merge_params.py to merge, nor its plots and TensorBoard events; a resume rewrites
