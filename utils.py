@@ -10,6 +10,7 @@ import argparse
 import ast
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -535,10 +536,31 @@ LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",
                         r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
 
 
+# Log lines of the same kind, by logger and the start of the message: bitsandbytes, imported on a CPU with
+# AVX512-BF16, says it could not fetch its CPU inference kernel from the Hugging Face Hub and asks for `pip install
+# kernels`, a run-time download this project never makes, for a kernel train.py turns off
+# (train.keep_4bit_training_kernels).
+LIBRARY_LOG_NOTICES = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),)
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def silence_library_deprecations() -> None:
-    """Hide LIBRARY_DEPRECATIONS, which a user can do nothing about; scripts call it first thing in main()."""
+    """Hide LIBRARY_DEPRECATIONS and LIBRARY_LOG_NOTICES, which a user can do nothing about; scripts call it first
+    thing in main()."""
     for message in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name, prefix in LIBRARY_LOG_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
 
 
 def set_random_seed(seed: int) -> None:

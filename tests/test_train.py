@@ -583,3 +583,24 @@ def test_only_the_known_library_deprecations_are_silenced():
         warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
     assert [(str(w.message), w.category) for w in seen] == [("`something_else` is deprecated", FutureWarning),
                                                             ("`is_gradient_checkpointing` is deprecated", UserWarning)]
+
+
+def test_only_the_known_library_log_notices_are_silenced(caplog):
+    """bitsandbytes' request to `pip install kernels` (a Hub download) goes; its other log lines stay, even if the
+    scripts' set-up runs twice."""
+    import logging
+
+    from utils import silence_library_deprecations
+
+    silence_library_deprecations()
+    silence_library_deprecations()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels`", "No module named 'kernels'")
+        logger.warning("something else went wrong")
+        logging.getLogger("bitsandbytes.other").warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("bitsandbytes.backends.cpu.ops", "something else went wrong"),
+        ("bitsandbytes.other", "Failed to load CPU gemm_4bit_forward from kernels-community")]
