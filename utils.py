@@ -552,15 +552,17 @@ class _DropNotice(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+# one filter each, built once: Logger.addFilter skips a filter it already holds, so set-up may run twice
+_LOG_NOTICE_FILTERS = tuple((name, _DropNotice(prefix)) for name, prefix in LIBRARY_LOG_NOTICES)
+
+
 def silence_library_deprecations() -> None:
     """Hide LIBRARY_DEPRECATIONS and LIBRARY_LOG_NOTICES, which a user can do nothing about; scripts call it first
     thing in main()."""
     for message in LIBRARY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-    for name, prefix in LIBRARY_LOG_NOTICES:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
-            logger.addFilter(_DropNotice(prefix))
+    for name, log_filter in _LOG_NOTICE_FILTERS:
+        logging.getLogger(name).addFilter(log_filter)
 
 
 def set_random_seed(seed: int) -> None:

@@ -301,20 +301,21 @@ def test_an_evaluation_leaves_4bit_training_unchanged(tiny_ckpt):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    def evaluation():
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
     loss_before, grads_before = loss_and_grads()
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+    evaluation()
     loss_after, grads_after = loss_and_grads()
     assert torch.equal(loss_before, loss_after)
     # lora_B of the first layer gets its gradient back through the second layer's base linears
     assert grads_before.keys() == grads_after.keys() and any(g.abs().sum() > 0 for g in grads_before.values())
     for name, grad in grads_before.items():
         assert torch.equal(grad, grads_after[name]), name
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+    evaluation()
     base_after = model.state_dict()  # as a checkpoint save takes it right after an evaluation
     assert base_before.keys() == base_after.keys() and any(".absmax" in k for k in base_after)
     for name, tensor in base_before.items():
