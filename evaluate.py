@@ -150,9 +150,10 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
     """The report for gold records ({input, output}) and prediction records ({output[, id]}).
 
     `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
-    {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields": {key: {"precision", "recall", "f1"}},
-    "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1], except grounded_rate, which is None
-    when no list item was extracted at all (nothing to check, which is not the same as all grounded).
+    {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields": {key: {"precision", "recall",
+    "f1"}}, "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1], except grounded_rate, which is
+    None when no list item was extracted at all (nothing to check, which is not the same as all grounded);
+    "truncated" counts the answers the token budget ended (their record's "truncated").
     """
     if not golds:
         raise ValueError(f"{gold_name}: no records to evaluate")
@@ -179,6 +180,8 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
     n_pred = {k: 0 for k in EXTRACT_KEYS}
     n_gold = {k: 0 for k in EXTRACT_KEYS}
     valid_count = exact_count = items = grounded = 0
+    # answers the token budget ended (predict.py's "truncated"; under a constraint they were closed, still valid)
+    truncated = sum(bool(p.get("truncated")) for p in preds)
     pairs = align(golds, preds, gold_ids, gold_name, pred_name)
     for i, j in pairs:  # predict.py and the baselines record which prompt each answer is for
         recorded, instruction = preds[j].get("input_digest"), golds[i].get("instruction", INSTRUCTION)
@@ -213,8 +216,8 @@ def evaluate(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[in
     spans = prf(*(sum(counts[k] for k in LIST_KEYS) for counts in (tp, n_pred, n_gold)))
     n = len(pairs)
     return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
-            "grounded_rate": grounded / items if items else None, "fields": fields, "overall": overall,
-            "list_fields_micro": spans}
+            "grounded_rate": grounded / items if items else None, "truncated": truncated, "fields": fields,
+            "overall": overall, "list_fields_micro": spans}
 
 
 def item_set(items: Sequence[str]) -> set[str]:
@@ -283,7 +286,8 @@ def format_table(report: dict) -> str:
             lines.append("-" * 40)
         lines.append(f"{_ljust(name, 10)} {scores['precision']:>9.4f} {scores['recall']:>9.4f} {scores['f1']:>9.4f}")
     lines.append(f"samples {report['n']} | JSON valid {report['json_valid_rate']:.4f} | "
-                 f"exact match {report['exact_match']:.4f} | grounded {rate(report['grounded_rate'])}")
+                 f"exact match {report['exact_match']:.4f} | grounded {rate(report['grounded_rate'])} | "
+                 f"cut at the token budget {report.get('truncated', 0)}")
     return "\n".join(lines)
 
 
@@ -301,6 +305,7 @@ def format_comparison(reports: dict[str, dict]) -> str:
                         ("JSON valid", lambda r: r["json_valid_rate"]), ("exact", lambda r: r["exact_match"]),
                         ("grounded", lambda r: r["grounded_rate"])):
         lines.append(f"{_ljust(label, 10)} " + " ".join(f"{rate(pick(r)):>{width}}" for r in reports.values()))
+    lines.append(f"{_ljust('truncated', 10)} " + " ".join(f"{r['truncated']:>{width}}" for r in reports.values()))
     lines += [f"{n} {path} ({r['n']} samples)" for n, (path, r) in zip(names, reports.items())]
     return "\n".join(lines)
 

@@ -5,16 +5,18 @@ Interactive: paste a dialogue (as many lines as it has), end it with an empty li
 
     python predict.py --model_path output_dir_qlora/merged
 
-Batch: one JSON line per input record, `{"id", "output", "num_new_tokens", "input_digest"}`, appended as each batch
-finishes, so a rerun with the same --output_file resumes where the last one stopped (refused for other settings or
-another input file); `python evaluate.py` scores the file.
+Batch: one JSON line per input record, `{"id", "output", "num_new_tokens", "truncated", "input_digest"}`, appended as
+each answer ends, so a rerun with the same --output_file resumes where the last one stopped (refused for other
+settings or another input file); `python evaluate.py` scores the file.
 
     python predict.py --model_path output_dir_qlora/merged \
         --input_file data/test.json --output_file predictions.jsonl --batch_size 8
 
 The prompt is `utils.build_chatml_ids(..., output=None)`, token for token the prefix the model was trained on (the
 chapter's predict.py dropped the `<|im_start|>` before `assistant`). Decoding is greedy unless --do_sample is given,
-because an extraction should not change from one run to the next.
+because an extraction should not change from one run to the next. Under `--constraint grounded` (the default) every
+answer is valid JSON in the trained format with each list item copied from the dialogue, also when --max_tgt_len cuts
+it (it is then closed, and flagged `truncated`); generation.py is the batched engine, grammar.py the grammar.
 """
 from __future__ import annotations
 
@@ -25,18 +27,20 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from generation import Decoding, Engine, Result, extraction_request
+from grammar import CONSTRAINTS, build_vocabulary
 from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, HelpFormatter, append_jsonl, build_chatml_ids,
                    check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16, parse_output, pending,
                    resolve_device, set_random_seed, silence_library_deprecations)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
+# Under a constraint an answer is closed before --max_tgt_len runs out; the empty answer alone takes 46 tokens.
+MIN_CONSTRAINED_TOKENS = 64
 # How training cut prompts: the chapter's, where a checkpoint does not record it
 TRAINING_TRUNCATION = {"max_len": 2048, "max_src_len": 1560, "truncation": "tokens"}
 
@@ -57,6 +61,10 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max_tgt_len", type=int, default=512, help="most new tokens generated per answer")
+    gen.add_argument("--constraint", choices=CONSTRAINTS, default="grounded",
+                     help="grounded: every answer is the trained JSON format with each list item copied verbatim "
+                          "from the dialogue, closed if --max_tgt_len cuts it; schema: the format, list items any "
+                          "text (for labels that are not verbatim); none: free generation, the chapter's way")
     gen.add_argument("--do_sample", action="store_true",
                      help="sample with --top_p/--temperature instead of greedy decoding (greedy is reproducible)")
     gen.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (only with --do_sample)")
@@ -81,7 +89,7 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
     io.add_argument("--output_file", type=str, default=output_file,
                     help="predictions, one JSON line per input; ids already in it are skipped (resume)")
     io.add_argument("--batch_size", type=int, default=8,
-                    help="prompts generated together (left-padded, grouped by length)")
+                    help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
     return parser
 
 
@@ -106,6 +114,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.max_tgt_len < 1:
         raise SystemExit(f"--max_tgt_len must be at least 1, got {args.max_tgt_len}")
+    if args.constraint != "none" and args.max_tgt_len < MIN_CONSTRAINED_TOKENS:
+        raise SystemExit(f"--max_tgt_len {args.max_tgt_len} is too short for --constraint {args.constraint}: the "
+                         f"empty answer alone takes 46 tokens; give at least {MIN_CONSTRAINED_TOKENS}, or "
+                         f"--constraint none")
     check_model_path(args.model_path)
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise SystemExit(f"--do_sample needs --temperature > 0 and 0 < --top_p <= 1, got {args.temperature} and "
@@ -186,31 +198,40 @@ def fill_training_truncation(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    model, tokenizer, generation_config = prepare(args, "predict.py")
+    engine = prepare(args, "predict.py")
     if args.input_file is None:
-        def answer(dialogue: str) -> str:
-            ids = build_chatml_ids(tokenizer, INSTRUCTION + dialogue, None, args.max_len, args.max_src_len,
-                                   truncation=args.truncation, instruction_chars=len(INSTRUCTION))
-            if ids.truncated:
-                cut = "its last turns were left out" if args.truncation == "turns" else "its end was cut"
-                print(f"The dialogue is longer than --max_src_len {args.max_src_len} tokens: {cut}, as in training.",
-                      flush=True)
-            return generate_from_ids(model, tokenizer, [ids.input_ids], generation_config)[0][0]
-        return interactive(answer)
-    predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
-                 args.max_len, args.max_src_len, args.truncation)
+        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, args))
+    predict_file(engine, args.input_file, args.output_file, decoding_from_args(args), args.max_len, args.max_src_len,
+                 args.truncation, args.constraint)
     return 0
 
 
-def prepare(args: argparse.Namespace, prog: str):
-    """(model, tokenizer, generation config) from the flags, after the inputs were checked; test_qwen.py too."""
+def prepare(args: argparse.Namespace, prog: str) -> Engine:
+    """The generation engine (model, tokenizer and, under a constraint, the grammar vocabulary) from the flags,
+    after the inputs were checked; test_qwen.py and serve.py too."""
     silence_library_deprecations()
     set_random_seed(args.seed)
     device = check_inputs(args, prog)
     model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
-    generation_config = build_generation_config(tokenizer, args.max_tgt_len, args.do_sample, args.top_p,
-                                                args.temperature, args.repetition_penalty)
-    return model, tokenizer, generation_config
+    vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
+    return Engine(model, tokenizer, args.batch_size, vocabulary)
+
+
+def decoding_from_args(args: argparse.Namespace) -> Decoding:
+    return Decoding(max_new_tokens=args.max_tgt_len, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def answer_dialogue(engine: Engine, dialogue: str, args: argparse.Namespace) -> Result:
+    """One dialogue typed in the terminal, answered as the batch mode answers a record."""
+    request, cut = extraction_request(engine.tokenizer, INSTRUCTION + dialogue, dialogue, decoding_from_args(args),
+                                      args.constraint, engine.vocabulary, args.max_len, args.max_src_len,
+                                      args.truncation, len(INSTRUCTION))
+    if cut:
+        lost = "its last turns were left out" if args.truncation == "turns" else "its end was cut"
+        print(f"The dialogue is longer than --max_src_len {args.max_src_len} tokens: {lost}, as in training.",
+              flush=True)
+    return engine.generate([request])[0]
 
 
 def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
@@ -220,7 +241,8 @@ def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
         device = resolve_device(args.device)
         if args.input_file is not None:
             pending(read_examples(args.input_file), args.output_file, args.input_file)
-            check_run_settings(args.output_file, run_settings(args, device))
+            # results begun before --constraint existed were generated freely
+            check_run_settings(args.output_file, run_settings(args, device), implied={"constraint": "none"})
     except ValueError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     return device
@@ -243,7 +265,8 @@ def run_settings(args: argparse.Namespace, device: torch.device) -> dict:
     return {"model_path": os.path.realpath(args.model_path), "model_files": model_fingerprint(args.model_path),
             "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."), "max_new_tokens": args.max_tgt_len,
             "do_sample": args.do_sample, **sampling, "repetition_penalty": args.repetition_penalty,
-            "max_len": args.max_len, "max_src_len": args.max_src_len, "truncation": args.truncation}
+            "max_len": args.max_len, "max_src_len": args.max_src_len, "truncation": args.truncation,
+            "constraint": args.constraint}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,149 +291,11 @@ def load_model(model_path: str, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """An answer ends at `<|im_end|>`; `<|im_start|>` (a new turn) and `<|endoftext|>` end it too."""
-    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-
-
-def build_generation_config(tokenizer, max_new_tokens: int, do_sample: bool = False, top_p: float = 0.8,
-                            temperature: float = 0.8, repetition_penalty: float = 1.1,
-                            min_new_tokens: int | None = None) -> GenerationConfig:
-    """A fresh config per run, so the model's own generation_config (sampling on, eos 151643) is never mutated and
-    never decides the stop tokens. Unset fields fall back to the model's config inside generate()."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              repetition_penalty=repetition_penalty, eos_token_id=stop_token_ids(tokenizer),
-                              pad_token_id=tokenizer.eod_id, use_cache=True)
-    if do_sample:
-        config.top_p, config.temperature, config.top_k = top_p, temperature, 0  # top_k 0: no top-k cut, as Qwen's
-    else:  # transformers' neutral values: unset, they would be filled from the model's sampling settings
-        config.top_p, config.temperature, config.top_k = 1.0, 1.0, 50
-    if min_new_tokens is not None:
-        config.min_new_tokens = min_new_tokens
-    return config
-
-
 def prompt_ids(tokenizer, user_text: str, max_len: int, max_src_len: int, truncation: str = "tokens",
                instruction_chars: int = 0) -> list[int]:
     """The generation prompt, truncated like training: token-identical to the training prefix."""
     return build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
                             instruction_chars=instruction_chars).input_ids
-
-
-def generate_batch(model, tokenizer, user_texts: Sequence[str], generation_config: GenerationConfig,
-                   max_len: int = 2048, max_src_len: int = 1560, truncation: str = "tokens") -> list[tuple[str, int]]:
-    """Answer several user messages at once. Returns (answer text, number of new tokens) per message, in order."""
-    prompts = [prompt_ids(tokenizer, text, max_len, max_src_len, truncation) for text in user_texts]
-    return generate_from_ids(model, tokenizer, prompts, generation_config)
-
-
-@torch.inference_mode()
-def generate_from_ids(model, tokenizer, prompts: Sequence[Sequence[int]],
-                      generation_config: GenerationConfig) -> list[tuple[str, int]]:
-    """Generate for a left-padded batch of prompts. Returns (answer text, new tokens incl. the stop token) per prompt.
-
-    Left padding puts every prompt's last token in the last column, so all rows take their next token from the
-    same step; the attention mask hides the pads and the model derives each row's positions from it, so a row's
-    answer is the one its prompt gets alone. The cache comes from `prefill_cache`: everything but the last column
-    is already in it, and generate() starts from that column.
-    """
-    if not prompts:
-        return []
-    if generation_config.max_new_tokens is None:
-        raise ValueError("generation_config.max_new_tokens must be set (it sizes the KV cache)")
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), tokenizer.eod_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    cache = prefill_cache(model, prompts, capacity=width - 1 + generation_config.max_new_tokens)
-    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            past_key_values=cache, generation_config=generation_config)
-    stops = set(stop_token_ids(tokenizer))
-    results = []
-    for row in output[:, width:].tolist():
-        n_new = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-        results.append((tokenizer.decode(row[:n_new], skip_special_tokens=True), n_new))
-    return results
-
-
-class PreallocatedLayer(DynamicLayer):
-    """One layer's KV cache written in place into buffers sized for the whole generation, shape (B, H, capacity, D).
-
-    transformers' DynamicLayer re-concatenates the cache at every new token, copying all B x S cached keys and
-    values: on a CPU that copy was most of a batched decoding step. The buffers may be views into a larger cache
-    (one row of it), which is how `prefill_cache` fills a batch cache one prompt at a time.
-    """
-
-    def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int = 0):
-        super().__init__()
-        self.key_buffer, self.value_buffer, self.length = key_buffer, value_buffer, length
-        self.dtype, self.device = key_buffer.dtype, key_buffer.device
-        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[2]:
-            raise RuntimeError(f"KV cache full: {end} positions > capacity {self.key_buffer.shape[2]}")
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.length
-
-
-def common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every prompt shares, leaving at least each prompt's last token out of it."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for other in prompts[1:]:
-        n = next((i for i in range(n) if other[i] != first[i]), n)
-    return n
-
-
-@torch.inference_mode()
-def prefill_cache(model, prompts: Sequence[Sequence[int]], capacity: int) -> Cache:
-    """The KV cache of a left-padded batch, holding every prompt but its last token (width - 1 columns).
-
-    Two savings over one padded forward pass: the prefix all prompts share (system block, instruction: about 190
-    tokens of each 600-900-token prompt) is computed once, and each prompt's remainder is run alone at its own
-    length, so no compute goes into padding. Pad columns are zero and masked during generation.
-    """
-    config = model.config
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "kv_channels", config.hidden_size // heads)
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    buffers = [(torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device),
-                torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device))
-               for _ in range(config.num_hidden_layers)]
-
-    # The base model (no LM head): prefill needs the keys and values, not logits.
-    body = model.base_model
-    shared = common_prefix_len(prompts)
-    prefix = DynamicCache()
-    if shared:
-        body(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=prefix, use_cache=True)
-    for row, ids in enumerate(prompts):
-        start = width - len(ids)  # left padding: the prompt occupies columns [start, width)
-        layers = []
-        for i, (keys, values) in enumerate(buffers):
-            keys[row, :, :start].zero_()  # masked, but 0 x NaN from uninitialised memory would still be NaN
-            values[row, :, :start].zero_()
-            if shared:
-                keys[row, :, start:start + shared] = prefix.layers[i].keys[0]
-                values[row, :, start:start + shared] = prefix.layers[i].values[0]
-            layers.append(PreallocatedLayer(keys[row:row + 1, :, start:], values[row:row + 1, :, start:], shared))
-        rest = ids[shared:-1]
-        if rest:  # no mask needed: this row alone has no padding, and the cache continues its positions
-            body(input_ids=torch.tensor([rest], device=device), past_key_values=Cache(layers=layers), use_cache=True)
-    return Cache(layers=[PreallocatedLayer(keys, values, width - 1) for keys, values in buffers])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,56 +326,47 @@ def read_examples(path: str) -> list[Example]:
     return examples
 
 
-def length_sorted_batches(prompts: dict[int, list[int]], batch_size: int) -> list[list[int]]:
-    """Ids grouped into batches of similar prompt length, longest first (so running out of memory happens at once,
-    not an hour in), which keeps the left padding in each batch small."""
-    order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def predict_batches(model, tokenizer, prompts: dict[int, list[int]], batch_size: int,
-                    generation_config: GenerationConfig) -> Iterator[list[dict]]:
-    """Yield the result records of each length-sorted batch as soon as it is generated."""
-    for batch in length_sorted_batches(prompts, batch_size):
-        answers = generate_from_ids(model, tokenizer, [prompts[i] for i in batch], generation_config)
-        yield [{"id": i, "output": text, "num_new_tokens": n} for i, (text, n) in zip(batch, answers)]
-
-
-def predict_file(model, tokenizer, input_file: str, output_file: str, batch_size: int,
-                 generation_config: GenerationConfig, max_len: int, max_src_len: int,
-                 truncation: str = "tokens") -> None:
+def predict_file(engine: Engine, input_file: str, output_file: str, decoding: Decoding, max_len: int,
+                 max_src_len: int, truncation: str = "tokens", constraint: str = "grounded") -> None:
+    """Answer every record of `input_file` not yet in `output_file`, appending each answer as it ends."""
     examples = read_examples(input_file)
     todo, done = pending(examples, output_file, input_file)
     print(f"{input_file}: {len(examples)} records, {done} already in {output_file}, {len(todo)} to generate",
           flush=True)
     if not todo:
         return
-    chatml = {e.id: build_chatml_ids(tokenizer, e.user_text, None, max_len, max_src_len, truncation=truncation,
-                                     instruction_chars=e.instruction_chars) for e in todo}
-    truncated = sum(ids.truncated for ids in chatml.values())
-    if truncated:
+    requests, cut = [], 0
+    for e in todo:
+        request, truncated = extraction_request(engine.tokenizer, e.user_text, e.user_text[e.instruction_chars:],
+                                                decoding, constraint, engine.vocabulary, max_len, max_src_len,
+                                                truncation, e.instruction_chars)
+        requests.append(request)
+        cut += truncated
+    if cut:
         lost = "their last turns" if truncation == "turns" else "the end of their dialogue"
-        print(f"{truncated} prompts were longer than --max_src_len {max_src_len} and lost {lost} (as in training)",
+        print(f"{cut} prompts were longer than --max_src_len {max_src_len} and lost {lost} (as in training)",
               flush=True)
-    prompts = {i: ids.input_ids for i, ids in chatml.items()}
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)
-    digests = {e.id: input_digest(e.user_text) for e in todo}
-    start, new_tokens, written = time.perf_counter(), 0, 0
+    start, new_tokens, written, closed = time.perf_counter(), 0, 0, 0
     try:
         with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
-            for records in predict_batches(model, tokenizer, prompts, batch_size, generation_config):
-                append_jsonl(output_file, [{**r, "input_digest": digests[r["id"]]} for r in records])
-                new_tokens += sum(r["num_new_tokens"] for r in records)
-                written += len(records)
-                bar.update(len(records))
+            for index, result in engine.stream(requests):
+                e = todo[index]
+                append_jsonl(output_file, [{"id": e.id, "output": result.text, "num_new_tokens": len(result.tokens),
+                                            "truncated": result.truncated, "input_digest": input_digest(e.user_text)}])
+                new_tokens += len(result.tokens)
+                written += 1
+                closed += result.truncated
+                bar.update(1)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the {done + written} predictions in {output_file} are kept; rerun the same "
               f"command to resume", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     seconds = time.perf_counter() - start
     print(f"wrote {len(todo)} predictions to {output_file} | {seconds:.1f} s | {len(todo) / seconds:.2f} samples/s | "
-          f"{new_tokens / seconds:.1f} new tokens/s", flush=True)
+          f"{new_tokens / seconds:.1f} new tokens/s | {closed} reached --max_tgt_len"
+          + (" (closed by the constraint, still valid)" if closed and constraint != "none" else ""), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -519,7 +395,11 @@ def read_dialogue(read_line: Callable[[str], str] | None = None) -> str | None:
         lines.append(line.rstrip("\r"))
 
 
-def show_answer(text: str) -> None:
+def show_answer(answer: Result | str) -> None:
+    text = answer.text if isinstance(answer, Result) else answer
+    if isinstance(answer, Result) and answer.truncated:
+        print("(The answer reached --max_tgt_len" + (" and was closed there.)" if answer.text.endswith("```")
+                                                      else ".)"))
     fields, valid = parse_output(text)
     if valid:
         print(json.dumps(fields, ensure_ascii=False, indent=2))
@@ -528,7 +408,7 @@ def show_answer(text: str) -> None:
         print(text)
 
 
-def interactive(answer: Callable[[str], str], show: Callable[[str], None] = show_answer,
+def interactive(answer: Callable[[str], Any], show: Callable[[Any], None] = show_answer,
                 read_line: Callable[[str], str] | None = None) -> int:
     """The terminal loop: paste a dialogue, finish with an empty line, read the extraction."""
     print("Paste a doctor–patient dialogue and finish it with an empty line. Type quit or exit (or press Ctrl-D / "

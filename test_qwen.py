@@ -4,13 +4,15 @@ Batch: the same prompts and output format as predict.py, so `python evaluate.py`
 
     python test_qwen.py --model_path Qwen-1_8-chat/ --input_file data/test.json --output_file predictions_base.jsonl
 
-Interactive, as the chapter does it: the dialogue goes to `model.chat(tokenizer, instruction + dialogue)` with the
-default system prompt and no history.
+Interactive, as the chapter does it: paste a dialogue, end it with an empty line. The prompt is the one Qwen's own
+`model.chat(tokenizer, instruction + dialogue)` builds (default system prompt, no history), which is token for token
+the training prefix predict.py uses.
 
     python test_qwen.py --model_path Qwen-1_8-chat/
 
 Decoding follows this script's flags (greedy unless --do_sample), not the checkpoint's generation_config.json, which
-samples.
+samples. `--constraint grounded` (the default) holds the untuned model to the answer format and to spans copied from
+the dialogue too; `--constraint none` lets it answer as it would by itself.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from predict import build_arg_parser, check_args, interactive, predict_file, prepare, show_answer
-from utils import INSTRUCTION, SYSTEM_PROMPT
+from predict import answer_dialogue, build_arg_parser, check_args, decoding_from_args, interactive, predict_file, prepare
 
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
@@ -32,15 +33,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    model, tokenizer, generation_config = prepare(args, "test_qwen.py")
+    engine = prepare(args, "test_qwen.py")
     if args.input_file is None:
-        def answer(dialogue: str) -> str:
-            response, _ = model.chat(tokenizer, INSTRUCTION + dialogue, history=None, system=SYSTEM_PROMPT,
-                                     generation_config=generation_config)
-            return response
-        return interactive(answer, show_answer)
-    predict_file(model, tokenizer, args.input_file, args.output_file, args.batch_size, generation_config,
-                 args.max_len, args.max_src_len, args.truncation)
+        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, args))
+    predict_file(engine, args.input_file, args.output_file, decoding_from_args(args), args.max_len, args.max_src_len,
+                 args.truncation, args.constraint)
     return 0
 
 

@@ -151,7 +151,8 @@ def normalise_fields(obj: dict) -> dict:
     for key in LIST_KEYS:
         value = by_key.get(key)
         if isinstance(value, (list, tuple, set)):
-            fields[key] = [_as_text(item) for item in value if item is not None]
+            # an item said twice counts once (the instruction asks for no repeats); first occurrences keep their order
+            fields[key] = list(dict.fromkeys(_as_text(item) for item in value if item is not None))
         elif value is None or (isinstance(value, str) and not value.strip()):
             fields[key] = []
         else:  # one bare value where a list was asked for
@@ -213,7 +214,8 @@ def parse_output(text: str) -> tuple[dict, bool]:
 
     Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
     object, single-quoted Python-dict output, trailing commas and JSON constants among them. The object is
-    `answer_object`'s. Missing keys are empty; a string in a list field becomes a one-item list (a blank one, []); a
+    `answer_object`'s. Missing keys are empty; a repeated list item is kept once; a string in a list field becomes a
+    one-item list (a blank one, []); a
     list in a text field is joined with ""; non-string items become strings. `valid` says whether an object was
     found; when it is False every field is empty.
     """
@@ -420,10 +422,11 @@ def pending(examples: Sequence, output_file: str, source: str) -> tuple[list, in
     return todo, len(examples) - len(todo)
 
 
-def check_run_settings(output_file: str, settings: dict) -> None:
+def check_run_settings(output_file: str, settings: dict, implied: dict | None = None) -> None:
     """Refuse to resume a results file with other settings (model, decoding, truncation) than those it was begun
     with, which would mix two runs' answers in one file. The settings live beside it, in <output_file>.settings.json,
-    written when the file holds no results yet."""
+    written when the file holds no results yet. `implied`: the value a setting had in files written before it was
+    recorded (a file without `constraint` was generated freely)."""
     path = output_file + ".settings.json"
     begun = os.path.exists(output_file) and os.path.getsize(output_file) > 0
     if begun and os.path.exists(path):
@@ -433,6 +436,7 @@ def check_run_settings(output_file: str, settings: dict) -> None:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e.msg}); delete it to resume with the current "
                                  f"settings") from None
+        before = {**(implied or {}), **before}
         changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in settings.items()
                    if key in before and before[key] != value]
         # keys this run does not have: another program's file (predict.py's model_path, test_openai.py's endpoint)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import predict
-from utils import INSTRUCTION, build_chatml_ids, input_digest
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, build_chatml_ids, input_digest, parse_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,38 +30,15 @@ def model(tiny_ckpt, tokenizer):
     return loaded
 
 
-class Recorder:
-    """Wraps model.generate to keep the tensors it was given and returned."""
+def test_prompt_is_the_training_prefix(tokenizer):
+    from generation import Decoding, extraction_request
 
-    def __init__(self, model, monkeypatch):
-        self.calls = []
-        original = model.generate
-
-        def generate(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.calls.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone(), out.clone()))
-            return out
-
-        monkeypatch.setattr(model, "generate", generate)
-
-
-def new_tokens(call, row):
-    input_ids, _, out = call
-    return out[row, input_ids.shape[1]:].tolist()
-
-
-def test_prompt_is_the_training_prefix(model, tokenizer, monkeypatch):
-    rec = Recorder(model, monkeypatch)
-    config = predict.build_generation_config(tokenizer, max_new_tokens=2)
-    texts = [INSTRUCTION + d for d in DIALOGUES]
-    predict.generate_batch(model, tokenizer, texts, config, max_len=2048, max_src_len=1560)
-    input_ids, mask, _ = rec.calls[0]
-    for row, text in enumerate(texts):
+    for dialogue in DIALOGUES:
+        text = INSTRUCTION + dialogue
+        request, cut = extraction_request(tokenizer, text, dialogue, Decoding(), "none")
         expected = build_chatml_ids(tokenizer, text, None, 2048, 1560).input_ids
-        assert input_ids[row][mask[row].bool()].tolist() == expected
+        assert request.prompt == expected and not cut
         assert expected[-3:] == [tokenizer.im_start_id, 77091, 198]  # <|im_start|>assistant\n
-        assert (input_ids[row][~mask[row].bool()] == tokenizer.eod_id).all()  # left pads are <|endoftext|>
-        assert mask[row].tolist() == sorted(mask[row].tolist())  # pads only on the left
 
 
 def test_prompt_is_truncated_like_training(tokenizer):
@@ -96,69 +73,16 @@ def test_prompt_truncation_follows_the_training_run(tiny_ckpt, tokenizer, tmp_pa
         predict.parse_args(["--model_path", str(model_dir)])
 
 
-def test_left_padded_batch_matches_each_prompt_alone(model, tokenizer, monkeypatch):
-    # min = max so random weights cannot stop early and every position is compared; the default repetition penalty
-    # stays on, because it must ignore the left pads too.
-    config = predict.build_generation_config(tokenizer, max_new_tokens=12, min_new_tokens=12)
-    prompts = [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
-    assert len({len(p) for p in prompts}) == 3
-    # The reference: each prompt alone through a plain generate() (no padding, no shared prefix, transformers' cache).
-    alone = [model.generate(input_ids=torch.tensor([p]), generation_config=config)[0, len(p):].tolist()
-             for p in prompts]
-    rec = Recorder(model, monkeypatch)
-    batch = predict.generate_from_ids(model, tokenizer, prompts, config)
-    for row, reference in enumerate(alone):
-        assert new_tokens(rec.calls[0], row) == reference
-        assert batch[row] == (tokenizer.decode(reference, skip_special_tokens=True), 12)
-    # One prompt through the same batched path gives the same tokens too.
-    assert predict.generate_from_ids(model, tokenizer, [prompts[1]], config)[0] == batch[1]
+def test_decoding_is_greedy_by_default_and_the_model_config_untouched(model, tokenizer):
+    from generation import Decoding, Engine, extraction_request
 
-
-def test_prefill_cache_equals_a_plain_forward(model, tokenizer):
-    prompts = [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
-    assert predict.common_prefix_len(prompts) > 180  # system block + instruction are shared
-    width = max(map(len, prompts))
-    cache = predict.prefill_cache(model, prompts, capacity=width + 3)
-    assert cache.get_seq_length() == width - 1
-    with torch.inference_mode():
-        for row, ids in enumerate(prompts):
-            out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
-            start = width - len(ids)
-            for layer, reference in zip(cache.layers, out.past_key_values.layers):
-                torch.testing.assert_close(layer.keys[row, :, start:], reference.keys[0], rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(layer.values[row, :, start:], reference.values[0], rtol=1e-4, atol=1e-5)
-                assert not layer.keys[row, :, :start].any()  # pad columns stay zero
-
-
-def test_common_prefix_len():
-    assert predict.common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert predict.common_prefix_len([[1, 2, 3]]) == 2  # the last token is always left to generate()
-    assert predict.common_prefix_len([[7, 1], [8, 1]]) == 0
-
-
-def test_answer_ends_at_the_first_stop_token_which_is_counted(model, tokenizer, monkeypatch):
-    config = predict.build_generation_config(tokenizer, max_new_tokens=5)
-    t = tokenizer.encode("好", allowed_special=set())[0]
-
-    def fake_generate(input_ids, attention_mask, generation_config, **kwargs):
-        assert generation_config.eos_token_id == [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-        new = [[t, t, tokenizer.im_end_id, tokenizer.eod_id, tokenizer.eod_id],  # finished rows are padded
-               [t, t, t, t, t]]  # ran out of tokens
-        return torch.cat([input_ids, torch.tensor(new)], dim=1)
-
-    monkeypatch.setattr(model, "generate", fake_generate)
-    out = predict.generate_from_ids(model, tokenizer, [[1, 2, 3], [4, 5]], config)
-    assert out == [("好好", 3), ("好好好好好", 5)]
-
-
-def test_generation_config_is_fresh_and_greedy(model, tokenizer):
     before = model.generation_config.to_dict()
-    config = predict.build_generation_config(tokenizer, max_new_tokens=3)
-    assert config.do_sample is False and config.max_new_tokens == 3
-    predict.generate_batch(model, tokenizer, [INSTRUCTION + DIALOGUES[1]], config)
-    assert model.generation_config.to_dict() == before
-    sampled = predict.build_generation_config(tokenizer, 3, do_sample=True, top_p=0.5, temperature=0.7)
-    assert (sampled.do_sample, sampled.top_p, sampled.temperature) == (True, 0.5, 0.7)
+    engine = Engine(model, tokenizer, 2)
+    request = extraction_request(tokenizer, INSTRUCTION + DIALOGUES[1], DIALOGUES[1], Decoding(max_new_tokens=3),
+                                 "none")[0]
+    engine.generate([request])
+    assert model.generation_config.to_dict() == before  # the checkpoint's sampling settings never decide
+    assert Decoding().do_sample is False
 
 
 def write_lines(path, records):
@@ -199,15 +123,15 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
         f.write('{"id": 4, "outp')  # a torn line from a killed run: id 4 is not done
 
     generated = []
-    real = predict.generate_from_ids
+    real = predict.Engine.stream
 
-    def counting(model, tokenizer, prompts, config):
-        generated.extend(prompts)
-        return real(model, tokenizer, prompts, config)
+    def counting(engine, requests):
+        generated.extend(requests)
+        return real(engine, requests)
 
-    monkeypatch.setattr(predict, "generate_from_ids", counting)
+    monkeypatch.setattr(predict.Engine, "stream", counting)
     argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
-            "--batch_size", "2", "--max_tgt_len", "4"]
+            "--batch_size", "2", "--max_tgt_len", "4", "--constraint", "none"]
     settings = predict.run_settings(predict.parse_args(argv), torch.device("cpu"))
     with pytest.raises(SystemExit, match=r"pred.jsonl holds results but no pred.jsonl.settings.json saying how they "
                                          r"were made"):
@@ -219,7 +143,8 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     assert sorted(r["id"] for r in lines) == [0, 1, 2, 3, 4]
     assert lines[:2] == previous
     for r in lines[2:]:
-        assert set(r) == {"id", "output", "num_new_tokens", "input_digest"} and 1 <= r["num_new_tokens"] <= 4
+        assert set(r) == {"id", "output", "num_new_tokens", "truncated", "input_digest"}
+        assert 1 <= r["num_new_tokens"] <= 4 and r["truncated"] == (r["num_new_tokens"] == 4)
         assert r["input_digest"] == input_digest(predict.read_examples(str(inputs))[r["id"]].user_text)
     generated.clear()
     assert predict.main(argv) == 0  # everything done: nothing is generated, nothing appended
@@ -241,15 +166,18 @@ def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
     shutil.copytree(tiny_ckpt, model)
     write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
     argv = ["--model_path", str(model), "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
-            "--max_tgt_len", "2"]
+            "--max_tgt_len", "2", "--constraint", "none"]
     assert predict.main(argv) == 0
     with open(str(out) + ".settings.json", encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["max_new_tokens"] == 2 and saved["do_sample"] is False and saved["dtype"] == "float32"
+    assert saved["constraint"] == "none"
     before = out.read_text(encoding="utf-8")
     for extra, expected in ((["--max_tgt_len", "3"], "max_new_tokens 2 -> 3"),
                             (["--repetition_penalty", "1.0"], "repetition_penalty 1.1 -> 1.0"),
-                            (["--max_src_len", "100"], "max_src_len 1560 -> 100")):
+                            (["--max_src_len", "100"], "max_src_len 1560 -> 100"),
+                            (["--max_tgt_len", "64", "--constraint", "grounded"],
+                             "max_new_tokens 2 -> 64; constraint 'none' -> 'grounded'")):
         with pytest.raises(SystemExit, match=f"pred.jsonl was begun with other settings \\({expected}\\)"):
             predict.main(argv + extra)  # the later flag wins
     assert predict.main(argv + ["--batch_size", "1"]) == 0  # same settings: resumes (nothing left to do)
@@ -258,6 +186,13 @@ def test_resuming_with_other_settings_is_refused(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"pred.jsonl was begun with other settings \(model_files '"):
         predict.main(argv)
     assert out.read_text(encoding="utf-8") == before
+    # a file begun before --constraint was recorded was generated freely: it resumes under none only
+    del saved["constraint"]
+    (tmp_path / "pred.jsonl.settings.json").write_text(json.dumps(saved), encoding="utf-8")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns - 10**9))
+    assert predict.main(argv) == 0
+    with pytest.raises(SystemExit, match=r"constraint 'none' -> 'grounded'"):
+        predict.main(argv + ["--constraint", "grounded", "--max_tgt_len", "64"])
 
 
 def test_load_done_drops_only_a_torn_last_line(tmp_path):
@@ -328,15 +263,19 @@ def test_do_sample_is_a_switch(tiny_ckpt):
 
 
 def test_ctrl_c_in_batch_mode_keeps_what_was_written(tokenizer, tmp_path, monkeypatch, capsys):
-    def one_batch_then_ctrl_c(model, tokenizer, prompts, batch_size, generation_config):
-        yield [{"id": 0, "output": "{}", "num_new_tokens": 1}]
+    from generation import Decoding, Engine, Result
+
+    def one_answer_then_ctrl_c(engine, requests):
+        yield 0, Result([1], "{}", "stop", False, 10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(predict, "predict_batches", one_batch_then_ctrl_c)
+    monkeypatch.setattr(Engine, "stream", one_answer_then_ctrl_c)
+    engine = Engine.__new__(Engine)
+    engine.tokenizer, engine.vocabulary = tokenizer, None
     inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
     with pytest.raises(SystemExit) as excinfo:
-        predict.predict_file(None, tokenizer, str(inputs), str(out), 1, None, 2048, 1560)
+        predict.predict_file(engine, str(inputs), str(out), Decoding(), 2048, 1560, constraint="none")
     assert excinfo.value.code == 130
     assert "interrupted: the 1 predictions in" in capsys.readouterr().err
     assert [r["id"] for r in read_lines(out)] == [0]
@@ -382,17 +321,16 @@ def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):
 
     inputs = tmp_path / "test.json"
     write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
-    common = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--max_tgt_len", "3"]
+    common = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--max_tgt_len", "64"]
     assert test_qwen.main(common + ["--output_file", str(tmp_path / "base.jsonl")]) == 0
     assert predict.main(common + ["--output_file", str(tmp_path / "tuned.jsonl")]) == 0
     base, tuned = read_lines(tmp_path / "base.jsonl"), read_lines(tmp_path / "tuned.jsonl")
     assert sorted(r["id"] for r in base) == [0, 1]
     assert sorted(base, key=lambda r: r["id"]) == sorted(tuned, key=lambda r: r["id"])
-
-
-def test_length_sorted_batches():
-    prompts = {0: [1] * 5, 1: [1] * 9, 2: [1] * 2, 3: [1] * 7, 4: [1] * 9}
-    assert predict.length_sorted_batches(prompts, 2) == [[1, 4], [3, 0], [2]]
+    for r in base:  # under the default constraint, random weights too: valid, grounded, closed and flagged
+        fields, valid = parse_output(r["output"])
+        assert valid and r["truncated"] and r["output"].startswith("```json\n{") and r["output"].endswith("}\n```")
+        assert all(item in DIALOGUES[r["id"]] for key in LIST_KEYS for item in fields[key])
 
 
 def test_read_dialogue_joins_lines_and_recognises_exits():
@@ -443,7 +381,7 @@ def read_until(fd, marker, timeout=120.0):
 def test_interactive_session_in_a_terminal(tiny_ckpt):
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--model_path", tiny_ckpt,
-                             "--device", "cpu", "--max_tgt_len", "4"],
+                             "--device", "cpu", "--max_tgt_len", "64"],
                             stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
     os.close(slave)
     try:
@@ -451,7 +389,12 @@ def test_interactive_session_in_a_terminal(tiny_ckpt):
         os.write(master, "\n".join(["医生: 你好，哪里不舒服？", "患者: 头痛两天了。", "医生: 量过血压吗？", "", ""]).encode())
         read_until(master, "Extracting")
         answer = read_until(master, "> ")  # the next prompt comes after the answer
-        assert ("not valid JSON" in answer) or ("{" in answer)
+        # random weights, but under the default constraint: the answer is the format, pretty-printed, and closed
+        assert "not valid JSON" not in answer and "reached --max_tgt_len and was closed" in answer
+        shown = json.loads(answer[answer.index("{"):answer.rindex("}") + 1])
+        assert list(shown) == list(EXTRACT_KEYS)
+        assert all(item in "医生: 你好，哪里不舒服？\n患者: 头痛两天了。\n医生: 量过血压吗？\n"
+                   for key in LIST_KEYS for item in shown[key])
         os.write(master, b"quit\n")
         read_until(master, "Bye.")
         assert proc.wait(timeout=60) == 0

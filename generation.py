@@ -1,0 +1,499 @@
+"""The batched generation engine behind predict.py, test_qwen.py and serve.py.
+
+Every answer gets a row of a KV cache sized once for the whole run, with its tokens at slots 0, 1, 2, ... (no left
+padding): the prompt prefix that all prompts share (system block and instruction, about 190 of each 600-900 tokens)
+is computed once and copied in, the rest of each prompt runs alone at its own length, and each decoding step feeds
+every row its last token at its own position, attending only to its own slots. A row whose answer ends is refilled at
+once with the next waiting prompt (continuous batching over a length-sorted queue), so a batch never waits for its
+longest answer, and a finished or abandoned row stops costing.
+
+Per row, each step: the repetition penalty over the tokens of its prompt and answer (as transformers applies it, but
+never to padding), the answer grammar's token mask (grammar.py; xgrammar), then greedy choice or temperature/top-p
+sampling from the row's own seeded generator, so an answer does not depend on which others share its batch. An
+answer under the answer grammar that is about to run out of tokens is closed instead (grammar.closing_text), so it
+is still valid and grounded; its result says `truncated`.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+# tokens of slack kept when deciding to close an answer: a token or two may pass before the answer reaches a point
+# where it can be closed (inside an escape, or an item just opened), and a shorter closing text may tokenize longer
+CLOSING_SLACK = 6
+# tokens an answer under the answer grammar may run past its budget when it reached no point where it could be
+# closed (never seen: it takes a run of tokens that each end inside an escape); then it ends as "length"
+OVERSHOOT = 4 * CLOSING_SLACK
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """An answer ends at `<|im_end|>`; `<|im_start|>` (a new turn) and `<|endoftext|>` end it too."""
+    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one answer is generated."""
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1
+    seed: int = 0
+    min_new_tokens: int = 0  # stop tokens are masked before this many (benchmarks: random weights that never stop)
+
+
+@dataclass
+class Request:
+    """One answer to generate. `grammar` builds the answer's grammar (grammar.AnswerGrammar) when the request is
+    admitted, so that a long queue holds no compiled grammars; `closable` says it is the answer grammar, whose cut
+    answers `grammar.closing_text` can close. `on_text` receives the answer's text as it grows (never a partial
+    character); `cancelled` is polled every step (a client that went away)."""
+    prompt: list[int]
+    decoding: Decoding = Decoding()
+    grammar: Callable[[], Any] | None = None
+    closable: bool = False
+    on_text: Callable[[str], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+
+    def slots(self) -> int:
+        """Cache slots the request may need: its prompt and answer."""
+        return len(self.prompt) + self.decoding.max_new_tokens + (OVERSHOOT if self.closable else 0)
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # the new tokens, the stop token included
+    text: str  # decoded, special tokens left out
+    finish_reason: str  # "stop" (ended by itself, or closed at the budget), "length" (budget reached) or "cancelled"
+    truncated: bool  # the budget ended the answer (under the answer grammar: closed, still valid)
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    """A request being generated in a cache row."""
+    key: Any
+    request: Request
+    position: int  # slot of the token fed next (the cache holds slots < position)
+    next_token: int
+    seen: torch.Tensor  # token ids the repetition penalty weighs on (prompt and answer; repeats are harmless)
+    matcher: Any = None
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    sent_chars: int = 0  # how much of the text on_text has received
+
+
+class RowCache:
+    """Per layer, keys and values of shape (rows, heads, capacity, head_dim), written in place. Row r holds its
+    answer's tokens at slots 0, 1, ...; `step_view` and `prefill_view` are what the attention layers see."""
+
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (rows, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+
+    def move_row(self, source: int, target: int) -> None:
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target].copy_(layer[source])
+
+
+class _StepView:
+    """One decoding step of rows 0..A-1: each row's new key and value go to its own slot; attention reads slots
+    0..width-1 of every row (the mask hides what a row does not own)."""
+
+    def __init__(self, cache: RowCache, positions: torch.Tensor, width: int):
+        self.cache, self.positions, self.width = cache, positions, width
+        self.rows = torch.arange(len(positions), device=positions.device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        count = len(self.positions)
+        k_buf, v_buf = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        k_buf[self.rows, :, self.positions] = keys[:, :, 0]  # keys (A, H, 1, D)
+        v_buf[self.rows, :, self.positions] = values[:, :, 0]
+        return k_buf[:count, :, :self.width], v_buf[:count, :, :self.width]
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.width - 1
+
+
+class _PrefillView:
+    """One row's prompt after the slots already filled (`length`): appended in place, attended causally."""
+
+    def __init__(self, cache: RowCache, row: int, length: int):
+        self.cache, self.row, self.length = cache, row, length
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.length + keys.shape[2]
+        k_buf, v_buf = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        k_buf[self.row, :, self.length:end] = keys[0]
+        v_buf[self.row, :, self.length:end] = values[0]
+        return k_buf[self.row:self.row + 1, :, :end], v_buf[self.row:self.row + 1, :, :end]
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def core_model(model):
+    """The QWenLMHeadModel under a PEFT wrapper, if any (its LoRA layers stay in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Engine:
+    """Generates answers for requests, `max_batch_size` at a time, refilling a row as soon as its answer ends."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, vocabulary=None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model = core_model(model)
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.vocabulary = vocabulary  # grammar.Vocabulary: the bitmask width
+        config = self.model.config
+        parameter = next(self.model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.heads = config.num_attention_heads
+        self.head_dim = getattr(config, "kv_channels", config.hidden_size // self.heads)
+        self.layers = config.num_hidden_layers
+        self.seq_length = getattr(config, "seq_length", 8192)
+        self.vocab_size = config.vocab_size
+        self.stops = set(stop_token_ids(tokenizer))
+        self.cache: RowCache | None = None
+        self.prefix: list[int] = []  # the tokens whose keys and values `prefix_kv` holds
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._closing_window: int | None = None
+        self._bitmask = None
+
+    # ---- public ---------------------------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """Results in the order of `requests` (generated longest prompt first)."""
+        results: list[Result | None] = [None] * len(requests)
+        for index, result in self.stream(requests):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Result]]:
+        """(index in `requests`, result) as each answer ends. The queue is sorted longest prompt first, which keeps
+        the cache small (it is sized by the first, longest, prompts) and fails at once if memory is short."""
+        order = deque(sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i)))
+        capacity = max((r.slots() for r in requests), default=1)
+
+        def pull(block: bool):
+            if not order:
+                return None
+            index = order.popleft()
+            return index, requests[index]
+
+        return self.run(pull, capacity)
+
+    def run(self, pull: Callable[[bool], tuple[Any, Request] | None], capacity: int) -> Iterator[tuple[Any, Result]]:
+        """The loop: admit `(key, request)` pairs from `pull` while rows are free (`pull(True)` may wait for one when
+        nothing is running; None means nothing more for now, and with no row running, the end), step, yield
+        `(key, result)` as answers end. Every request needs at most `capacity` slots (prompt + new tokens)."""
+        if capacity > self.seq_length:
+            raise ValueError(f"prompt + new tokens ({capacity}) exceed the model's {self.seq_length}-token context")
+        self._ensure_cache(capacity)
+        rows: list[_Row] = []
+        try:
+            while True:
+                while len(rows) < self.max_batch_size:
+                    item = pull(not rows)
+                    if item is None:
+                        break
+                    key, request = item
+                    if request.slots() > self.cache.capacity:
+                        raise ValueError(f"request {key!r}: prompt + new tokens exceed the cache capacity "
+                                         f"{self.cache.capacity}")
+                    rows.append(self._admit(key, request, len(rows)))
+                if not rows:
+                    return
+                for index, result in self._step(rows):
+                    yield rows[index].key, result
+                self._compact(rows)
+        finally:
+            rows.clear()
+
+    # ---- admission and prefill ------------------------------------------------------------------------------
+
+    def _ensure_cache(self, capacity: int) -> None:
+        if self.cache is not None and self.cache.capacity >= capacity:
+            return
+        capacity = max(capacity, 64)
+        capacity = math.ceil(capacity / 64) * 64
+        self.cache = RowCache(self.layers, self.max_batch_size, self.heads, capacity, self.head_dim, self.dtype,
+                              self.device)
+
+    @torch.inference_mode()
+    def _admit(self, key, request: Request, row: int) -> _Row:
+        prompt = list(request.prompt)
+        if not prompt:
+            raise ValueError(f"request {key!r}: empty prompt")
+        body = prompt[:-1]  # the last prompt token is fed by the first decoding step
+        shared = common_prefix_len(self.prefix, body)
+        if shared < 16:  # not worth a copy: compute this prompt whole, and keep it as the shared prefix
+            shared = 0
+        for layer, (keys, values) in enumerate(self.prefix_kv):
+            if shared:
+                self.cache.keys[layer][row, :, :shared] = keys[0, :, :shared]
+                self.cache.values[layer][row, :, :shared] = values[0, :, :shared]
+        if len(body) > shared:
+            ids = torch.tensor([body[shared:]], device=self.device)
+            self.model.transformer(input_ids=ids, past_key_values=_PrefillView(self.cache, row, shared), use_cache=True)
+        if not shared and len(body) >= 16:
+            self.prefix = body
+            self.prefix_kv = [(self.cache.keys[layer][row:row + 1, :, :len(body)].clone(),
+                               self.cache.values[layer][row:row + 1, :, :len(body)].clone())
+                              for layer in range(self.layers)]
+        decoding = request.decoding
+        generator = None
+        if decoding.do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(decoding.seed)
+        matcher = request.grammar() if request.grammar is not None else None
+        return _Row(key, request, len(body), prompt[-1], torch.tensor(sorted(set(prompt)), device=self.device),
+                    matcher, generator)
+
+    # ---- one decoding step ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _step(self, rows: list[_Row]) -> list[tuple[int, Result]]:
+        """Advance every row by one token; returns (row index, result) of the rows that ended."""
+        tokens = torch.tensor([r.next_token for r in rows], device=self.device)
+        positions = torch.tensor([r.position for r in rows], device=self.device)
+        width = max(r.position for r in rows) + 1
+        logits = self._forward(tokens, positions, width)  # (A, V) fp32
+        for r in rows:
+            r.position += 1
+
+        self._penalise(logits, rows)
+        for i, r in enumerate(rows):
+            if len(r.tokens) < r.request.decoding.min_new_tokens:
+                logits[i, list(self.stops)] = -math.inf
+        chosen = self._choose(logits, rows)
+
+        ended = []
+        for i, (r, token) in enumerate(zip(rows, chosen)):
+            result = self._advance(r, token)
+            if result is not None:
+                ended.append((i, result))
+        return ended
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """Logits of one new token per row, through the model's own layers with a cache view that writes each row's
+        key and value at its position and a mask that lets each row see its slots only."""
+        body = self.model.transformer
+        x = body.wte(tokens[:, None])  # (A, 1, hidden)
+        rotary = body.rotary_emb(positions[:, None], [1.0])
+        slots = torch.arange(width, device=self.device)
+        mask = (slots[None, :] <= positions[:, None])[:, None, None, :]  # (A, 1, 1, width)
+        view = _StepView(self.cache, positions, width)
+        for block in body.h:
+            x = block(x, rotary, mask=mask, past_key_values=view)
+        x = body.ln_f(x)
+        return self.model.lm_head(x[:, -1]).float()
+
+    def _penalise(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """transformers' repetition penalty: a seen token's logit is divided by the penalty (multiplied if negative)."""
+        for i, r in enumerate(rows):
+            penalty = r.request.decoding.repetition_penalty
+            if penalty == 1.0:
+                continue
+            values = logits[i, r.seen]
+            logits[i, r.seen] = torch.where(values < 0, values * penalty, values / penalty)
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's token: greedy, or sampled; under a grammar, from the tokens it allows.
+
+        A greedy row whose best token its grammar allows keeps it without masking (the masked argmax is the same
+        token), which spares most masks where nearly every token is allowed (inside a text field)."""
+        chosen = logits.argmax(dim=-1).tolist()
+        masked = []
+        for i, r in enumerate(rows):
+            if r.matcher is not None:
+                r.matcher.fill(self._bitmask_rows(), i)
+                if r.request.decoding.do_sample or not self._allowed(i, chosen[i]):
+                    masked.append(i)
+        if masked:
+            self._apply_masks(logits, masked)
+            for i, token in zip(masked, logits[masked].argmax(dim=-1).tolist()):
+                chosen[i] = token
+        for i, r in enumerate(rows):
+            decoding = r.request.decoding
+            if decoding.do_sample:
+                chosen[i] = sample(logits[i], decoding.temperature, decoding.top_p, r.generator)
+            if r.matcher is not None and logits[i, chosen[i]] == -math.inf:
+                chosen[i] = self.tokenizer.im_end_id  # the grammar allows only the end, which min_new_tokens held back
+        return chosen
+
+    def _bitmask_rows(self) -> torch.Tensor:
+        import xgrammar as xgr
+
+        if self._bitmask is None:
+            self._bitmask = xgr.allocate_token_bitmask(self.max_batch_size, self.vocab_size)
+        return self._bitmask
+
+    def _allowed(self, row: int, token: int) -> bool:
+        return bool((int(self._bitmask[row, token >> 5]) >> (token & 31)) & 1)
+
+    def _apply_masks(self, logits: torch.Tensor, rows: list[int]) -> None:
+        import xgrammar as xgr
+
+        bitmask = self._bitmask[:logits.shape[0]]
+        if logits.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows, backend="torch_native")
+        else:
+            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+    # ---- after the token ------------------------------------------------------------------------------------
+
+    def _advance(self, r: _Row, token: int) -> Result | None:
+        """Record `token` for row `r`; the row's result when its answer has ended."""
+        request = r.request
+        if r.matcher is not None and not r.matcher.accept(token):
+            raise RuntimeError(f"request {r.key!r}: the grammar rejected token {token}, which its own mask allowed")
+        r.tokens.append(token)
+        r.next_token = token
+        r.seen = torch.cat([r.seen, torch.tensor([token], device=self.device)])
+        if token in self.stops:
+            return self._finish(r, "stop", truncated=False)
+        if request.cancelled is not None and request.cancelled():
+            return self._finish(r, "cancelled", truncated=False)
+        budget = request.decoding.max_new_tokens
+        if request.closable and len(r.tokens) + self.closing_window() >= budget:
+            closing = self._closing_ids(r.tokens)
+            if closing is not None and len(r.tokens) + len(closing) + CLOSING_SLACK >= budget:
+                for t in closing:
+                    if not r.matcher.accept(t):
+                        raise RuntimeError(f"request {r.key!r}: the grammar rejected the closing token {t}")
+                r.tokens += closing
+                return self._finish(r, "stop", truncated=True)
+        if len(r.tokens) >= budget + (OVERSHOOT if request.closable else 0):
+            return self._finish(r, "length", truncated=True)
+        self._send(r)
+        return None
+
+    def closing_window(self) -> int:
+        """Tokens the longest closing text can take, with slack: closing is looked at only this close to the budget."""
+        if self._closing_window is None:
+            from grammar import empty_answer
+
+            self._closing_window = len(self._encode(empty_answer())) + 1 + 2 * CLOSING_SLACK
+        return self._closing_window
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allowed_special=set())
+
+    def _closing_ids(self, tokens: list[int]) -> list[int] | None:
+        """The tokens that close an answer cut after `tokens`, `<|im_end|>` included; None where it cannot be
+        closed right here (a partial character or escape, an item that has no character yet)."""
+        from grammar import closing_text
+
+        try:
+            prefix = b"".join(self.tokenizer.decoder[t] for t in tokens).decode("utf-8")
+        except (UnicodeDecodeError, TypeError):  # a partial character, or a special token (never under a grammar)
+            return None
+        text = closing_text(prefix)
+        return None if text is None else self._encode(text) + [self.tokenizer.im_end_id]
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _send(self, r: _Row) -> None:
+        """The new part of the answer's text to `on_text`, holding back a character still incomplete."""
+        if r.request.on_text is None:
+            return
+        text = self._text(r.tokens)
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if len(text) > r.sent_chars:
+            r.request.on_text(text[r.sent_chars:])
+            r.sent_chars = len(text)
+
+    def _finish(self, r: _Row, reason: str, truncated: bool) -> Result:
+        text = self._text(r.tokens)
+        if r.request.on_text is not None and len(text) > r.sent_chars:
+            r.request.on_text(text[r.sent_chars:])
+            r.sent_chars = len(text)
+        r.position = -1  # marks the row free
+        return Result(list(r.tokens), text, reason, truncated, len(r.request.prompt))
+
+    def _compact(self, rows: list[_Row]) -> None:
+        """Drop ended rows, moving the last running row into each hole, so rows 0..A-1 are the running ones."""
+        i = 0
+        while i < len(rows):
+            if rows[i].position >= 0:
+                i += 1
+                continue
+            last = len(rows) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                rows[i] = rows[last]
+            rows.pop()
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """A token drawn from softmax(logits / temperature), restricted to the smallest set of most likely tokens whose
+    probability reaches top_p (transformers' top-p: the most likely token is always kept)."""
+    scores = logits / temperature
+    if top_p < 1.0:
+        ordered, index = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[-1] = False
+        scores = scores.clone()
+        scores[index[remove]] = -math.inf
+    probs = scores.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An extraction, as a request
+# --------------------------------------------------------------------------------------------------------------
+
+
+def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decoding, constraint: str = "grounded",
+                       vocabulary=None, max_len: int = 2048, max_src_len: int = 1560, truncation: str = "tokens",
+                       instruction_chars: int = 0, **callbacks) -> tuple[Request, bool]:
+    """The request that answers `user_text` (instruction + `dialogue`), with the prompt cut as training cut it, and
+    whether the prompt was cut. Under `grounded`, list items come from `dialogue`; `schema` keeps only the format;
+    `none` generates freely. `callbacks`: Request's on_text / cancelled."""
+    from utils import build_chatml_ids
+
+    ids = build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
+                           instruction_chars=instruction_chars)
+    build = None
+    if constraint != "none":
+        if vocabulary is None:
+            raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
+        from grammar import AnswerGrammar
+
+        def build() -> AnswerGrammar:
+            return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
+    return Request(ids.input_ids, decoding, build, closable=build is not None, **callbacks), ids.truncated
+
+
+def reference_config(tokenizer, decoding: Decoding):
+    """transformers' GenerationConfig for the same decoding: `model.generate` with it is the plain reference the
+    engine is tested and benchmarked against (the chapter's way of generating, one prompt at a time)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
+                              repetition_penalty=decoding.repetition_penalty, eos_token_id=stop_token_ids(tokenizer),
+                              pad_token_id=tokenizer.eod_id, use_cache=True, min_new_tokens=decoding.min_new_tokens)
+    if decoding.do_sample:
+        config.top_p, config.temperature, config.top_k = decoding.top_p, decoding.temperature, 0
+    else:  # transformers' neutral values: unset, they would be filled from the model's sampling settings
+        config.top_p, config.temperature, config.top_k = 1.0, 1.0, 50
+    return config

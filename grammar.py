@@ -1,0 +1,308 @@
+"""The answer grammar: what an extraction may look like, enforced token by token with xgrammar.
+
+An answer is exactly the text training teaches (`utils.format_output`): the ```json fence, the 8 keys in canonical
+order with `json.dumps`' separators and escapes (ensure_ascii=False), the closing fence, then `<|im_end|>`. Under
+`grounded`, every list item is a non-empty span of the dialogue that does not cross a line, written as json.dumps
+writes it; the spans come from a suffix automaton of the dialogue, one grammar rule per state. Under `schema`, a list
+item is any non-empty JSON string. Text fields are any JSON string in both.
+
+The vocabulary goes to xgrammar as raw bytes per id from the tokenizer's ranks; the 208 special tokens and the unused
+embedding rows are empty, so none can appear inside an answer, and `<|im_end|>` is its only end.
+
+A token budget is ours to keep (a bounded repetition is very slow in xgrammar): `closing_text` says how a cut answer
+is closed (open string, list and object; the remaining fields empty; the fence), so an answer that runs out of tokens
+is still valid and grounded.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from utils import EXTRACT_KEYS, LIST_KEYS
+
+CONSTRAINTS = ("grounded", "schema", "none")
+
+OPEN_FENCE = "```json\n"
+CLOSE_FENCE = "\n```"
+
+
+def _literal(text: str) -> str:
+    """`text` as an EBNF string literal (the GBNF dialect xgrammar reads)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _json_char(ch: str) -> str:
+    """One character as json.dumps(..., ensure_ascii=False) writes it inside a string."""
+    return json.dumps(ch, ensure_ascii=False)[1:-1]
+
+
+def _skeleton_piece(index: int) -> str:
+    """The fixed text before field `index`: the fence and the brace, or the separator, then the key and ': '."""
+    key = json.dumps(EXTRACT_KEYS[index], ensure_ascii=False)
+    return (OPEN_FENCE + "{" if index == 0 else ", ") + key + ": "
+
+
+# A JSON string's characters exactly as json.dumps writes them: anything but '"', '\' and control characters as
+# itself; those as \" \\ \n \r \t \b \f, and the other control characters as \u00XX (lower-case hex). Written as
+# runs of a character class (not a repetition of alternatives), which xgrammar masks in microseconds, not 50 ms.
+_STRING_RULES = r'''
+text ::= "\"" body "\""
+nonempty ::= "\"" ([^"\\\x00-\x1f] | "\\" escape) body "\""
+body ::= [^"\\\x00-\x1f]* ("\\" escape [^"\\\x00-\x1f]*)*
+escape ::= ["\\nrtbf] | "u00" ("0" [0-7bef] | "1" [0-9a-f])
+'''
+
+
+def build_ebnf(dialogue: str, constraint: str = "grounded") -> str:
+    """The grammar of an answer to `dialogue`, as EBNF text for xgrammar."""
+    if constraint not in ("grounded", "schema"):
+        raise ValueError(f"constraint must be 'grounded' or 'schema' for a grammar, got {constraint!r}")
+    parts = []
+    for index, key in enumerate(EXTRACT_KEYS):
+        parts.append(_literal(_skeleton_piece(index)))
+        parts.append("list" if key in LIST_KEYS else "text")
+    parts.append(_literal("}" + CLOSE_FENCE))
+    rules = ["root ::= " + " ".join(parts),
+             'list ::= "[]" | "[" item (", " item)* "]"']
+    if constraint == "schema":
+        rules.append("item ::= nonempty")
+    else:
+        rules.append('item ::= "\\"" span "\\""')
+        rules += _span_rules(dialogue)
+    return "\n".join(rules) + _STRING_RULES
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Spans of the dialogue: a suffix automaton, newline transitions dropped
+# --------------------------------------------------------------------------------------------------------------
+
+
+def suffix_automaton(text: str) -> list[dict[str, int]]:
+    """Transitions of the suffix automaton of `text` (state 0 is the start): a path from the start spells every
+    substring of `text` and nothing else."""
+    nxt: list[dict[str, int]] = [{}]
+    link, length = [-1], [0]
+    last = 0
+    for ch in text:
+        cur = len(nxt)
+        nxt.append({})
+        link.append(-1)
+        length.append(length[last] + 1)
+        p = last
+        while p != -1 and ch not in nxt[p]:
+            nxt[p][ch] = cur
+            p = link[p]
+        if p == -1:
+            link[cur] = 0
+        else:
+            q = nxt[p][ch]
+            if length[p] + 1 == length[q]:
+                link[cur] = q
+            else:
+                clone = len(nxt)
+                nxt.append(dict(nxt[q]))
+                link.append(link[q])
+                length.append(length[p] + 1)
+                while p != -1 and nxt[p].get(ch) == q:
+                    nxt[p][ch] = clone
+                    p = link[p]
+                link[q] = link[cur] = clone
+        last = cur
+    return nxt
+
+
+def _span_rules(dialogue: str) -> list[str]:
+    """`span ::= ...`: a non-empty substring of one line of the dialogue, JSON-escaped, one rule per automaton
+    state reachable without crossing a newline."""
+    nxt = suffix_automaton(dialogue)
+    names: dict[int, str] = {0: "span"}
+    order, rules = [0], []
+    for state in order:  # breadth first over the states reachable without "\n"; `order` grows as it goes
+        for ch, target in nxt[state].items():
+            if ch != "\n" and target not in names:
+                names[target] = f"s{len(names)}"
+                order.append(target)
+    for state in order:
+        moves = [f"{_literal(_json_char(ch))} {names[target]}"
+                 for ch, target in sorted(nxt[state].items()) if ch != "\n"]
+        if state == 0:  # the start: at least one character
+            rules.append("span ::= " + (" | ".join(moves) if moves else '"\\x00"'))
+        else:
+            rules.append(f"{names[state]} ::= " + " | ".join(['""', *moves]))
+    return rules
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Closing a cut answer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def empty_answer() -> str:
+    """The shortest valid answer: every field empty."""
+    return closing_text("")
+
+
+def closing_text(prefix: str) -> str | None:
+    """The shortest text that closes an answer cut after `prefix` (the open string, list and object, the remaining
+    fields left empty, the fence), or None where no text can: inside an escape sequence, in a list item or after a
+    separator that still needs its item (an item is never empty), or where `prefix` leaves the format. The text
+    before `<|im_end|>` only; the grammar accepts `prefix + closing_text(prefix)`."""
+    pos = 0
+    for index, key in enumerate(EXTRACT_KEYS):
+        piece = _skeleton_piece(index)
+        if len(prefix) - pos < len(piece):
+            if not piece.startswith(prefix[pos:]):
+                return None
+            return piece[len(prefix) - pos:] + _empty_value(key) + _rest(index + 1)
+        if not prefix.startswith(piece, pos):
+            return None
+        pos += len(piece)
+        if key in LIST_KEYS:
+            end, close = _scan_list(prefix, pos)
+        else:
+            end, close = _scan_string(prefix, pos, allow_empty=True)
+        if close is None:
+            return None
+        if end is None:  # the value is still open
+            return close + _rest(index + 1)
+        pos = end
+    tail = "}" + CLOSE_FENCE
+    return tail[len(prefix) - pos:] if tail.startswith(prefix[pos:]) else None
+
+
+def _empty_value(key: str) -> str:
+    return "[]" if key in LIST_KEYS else '""'
+
+
+def _rest(index: int) -> str:
+    """The fields from `index` (at least 1) on, empty, then the closing brace and fence."""
+    return "".join(_skeleton_piece(i) + _empty_value(EXTRACT_KEYS[i]) for i in range(index, len(EXTRACT_KEYS))) \
+        + "}" + CLOSE_FENCE
+
+
+def _scan_string(text: str, pos: int, allow_empty: bool) -> tuple[int | None, str | None]:
+    """A JSON string starting at `pos`: (index after it, "") when it is complete; (None, text that closes it) when
+    `text` ends inside it; (None, None) when it cannot be closed here (in an escape, or empty where that is not
+    allowed) or is malformed."""
+    if pos == len(text):
+        return None, ('""' if allow_empty else None)
+    if text[pos] != '"':
+        return None, None
+    i, chars = pos + 1, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            return i + 1, ""
+        if ch == "\\":
+            escape = text[i + 1:i + 2]
+            if escape == "u":
+                if len(text) < i + 6:
+                    return None, None
+                i += 6
+            elif escape:
+                i += 2
+            else:
+                return None, None
+        else:
+            i += 1
+        chars += 1
+    return None, ('"' if chars or allow_empty else None)
+
+
+def _scan_list(text: str, pos: int) -> tuple[int | None, str | None]:
+    """A list of strings starting at `pos`, as `_scan_string` reports a string."""
+    if pos == len(text):
+        return None, "[]"
+    if text[pos] != "[":
+        return None, None
+    i = pos + 1
+    if i == len(text):
+        return None, "]"
+    if text[i] == "]":
+        return i + 1, ""
+    while True:
+        end, close = _scan_string(text, i, allow_empty=False)
+        if end is None:
+            return None, None if close is None else close + "]"
+        if end == len(text):
+            return None, "]"
+        if text[end] == "]":
+            return end + 1, ""
+        if not text.startswith(", ", end):
+            return (None, None)
+        i = end + 2
+        if i >= len(text):
+            return None, None  # a separator that still needs its item
+
+
+# --------------------------------------------------------------------------------------------------------------
+# xgrammar: the vocabulary, compiled grammars, one matcher per answer
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Vocabulary:
+    """What xgrammar needs of the tokenizer, built once per process (about a second)."""
+    info: object  # xgrammar.TokenizerInfo
+    compiler: object  # xgrammar.GrammarCompiler
+    vocab_size: int
+
+
+def build_vocabulary(tokenizer, vocab_size: int = 151936, threads: int = 1):
+    """Raw bytes per id: the tokenizer's ranks, and empty bytes for the special tokens and the unused rows up to
+    `vocab_size` (the model's logits width), so that none of them can be chosen inside an answer."""
+    import xgrammar as xgr
+
+    encoded: list[bytes] = [b""] * vocab_size
+    for token, rank in tokenizer.mergeable_ranks.items():
+        if rank < vocab_size:
+            encoded[rank] = token
+    info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=[tokenizer.im_end_id])
+    return Vocabulary(info, xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False), vocab_size)
+
+
+class AnswerGrammar:
+    """The grammar of one answer, compiled, with the matcher that follows the tokens generated under it."""
+
+    def __init__(self, vocabulary: Vocabulary, ebnf: str):
+        import xgrammar as xgr
+
+        self.ebnf = ebnf
+        self.compiled = vocabulary.compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf))
+        self.matcher = xgr.GrammarMatcher(self.compiled)
+
+    @classmethod
+    def for_dialogue(cls, vocabulary: Vocabulary, dialogue: str, constraint: str = "grounded") -> "AnswerGrammar":
+        return cls(vocabulary, build_ebnf(dialogue, constraint))
+
+    def fill(self, bitmask, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    def rollback(self, count: int) -> None:
+        if count:
+            self.matcher.rollback(count)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+def check_ebnf(vocabulary: Vocabulary, ebnf: str) -> AnswerGrammar:
+    """A grammar sent by a client, compiled; ValueError with xgrammar's reason when it is not a grammar."""
+    try:
+        return AnswerGrammar(vocabulary, ebnf)
+    except RuntimeError as e:
+        raise ValueError(f"not a valid EBNF grammar: {str(e).strip().splitlines()[0] if str(e).strip() else e}") \
+            from None

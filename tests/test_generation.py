@@ -1,0 +1,189 @@
+"""The generation engine (generation.py) on a tiny random checkpoint: it gives transformers' own greedy tokens
+(fp32, repetition penalty on), batched, refilled or alone; its cache holds what a plain forward computes; under the
+answer grammar every answer is valid, grounded and ended (by itself, or closed at the budget and flagged), the same
+batched as alone; sampling is seeded per answer; streamed text joins into the answer; a cancelled answer stops."""
+import json
+
+import pytest
+import torch
+
+import grammar
+import predict
+from generation import (Decoding, Engine, Request, _PrefillView, common_prefix_len, extraction_request,
+                        reference_config)
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS
+
+DIALOGUES = [
+    "医生: 你好，孩子哪里不舒服？\n患者: 咳嗽三天了，晚上咳得厉害，有痰。\n医生: 发烧吗？\n患者: 不发烧。\n",
+    "医生: 您好\n",
+    "医生: 宝宝拉肚子几天了？\n患者: 两天，一天五六次，稀水样。\n医生: 吃过什么药？\n患者: 吃了蒙脱石散和益生菌。\n"
+    "医生: 建议查个大便常规，注意补液，防止脱水。\n",
+    "医生: 头痛多久了？\n患者: 一周，吃了布洛芬缓释胶囊。\n医生: 做过头颅CT吗？\n患者: 没有。\n",
+    "医生: 哪里不舒服\n患者: 发烧39度，咽痛\n医生: 查个血常规，先吃点对乙酰氨基酚\n",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    loaded, _ = predict.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def vocabulary(tokenizer, model):
+    return grammar.build_vocabulary(tokenizer, model.config.vocab_size)
+
+
+def prompts_of(tokenizer):
+    return [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
+
+
+def test_greedy_tokens_equal_transformers_generate_batched_refilled_and_alone(model, tokenizer):
+    """min = max so random weights cannot stop early and every position is compared; the repetition penalty stays
+    on. Batch 2 over 5 prompts refills rows as answers end; batch 1 is one at a time."""
+    decoding = Decoding(max_new_tokens=12, min_new_tokens=12)
+    prompts = prompts_of(tokenizer)
+    config = reference_config(tokenizer, decoding)
+    reference = [model.generate(input_ids=torch.tensor([p]), generation_config=config)[0, len(p):].tolist()
+                 for p in prompts]
+    for batch_size in (1, 2, 5):
+        results = Engine(model, tokenizer, batch_size).generate([Request(p, decoding) for p in prompts])
+        assert [r.tokens for r in results] == reference, batch_size
+        assert all(r.finish_reason == "length" and r.truncated for r in results)
+        assert [r.text for r in results] == [tokenizer.decode(t, skip_special_tokens=True) for t in reference]
+
+
+def test_answers_of_different_lengths_refill_their_rows(model, tokenizer):
+    """Answers with other budgets end at other steps; each equals its answer alone, whatever ran beside it."""
+    prompts = prompts_of(tokenizer)
+    budgets = [3, 9, 1, 6, 12]
+    requests = [Request(p, Decoding(max_new_tokens=b, min_new_tokens=b)) for p, b in zip(prompts, budgets)]
+    engine = Engine(model, tokenizer, 2)
+    together = engine.generate(requests)
+    for request, result, budget in zip(requests, together, budgets):
+        alone = Engine(model, tokenizer, 1).generate([request])[0]
+        assert result.tokens == alone.tokens and len(result.tokens) == budget
+
+
+def test_the_row_cache_holds_what_a_plain_forward_computes(model, tokenizer):
+    prompts = prompts_of(tokenizer)
+    engine = Engine(model, tokenizer, len(prompts))
+    engine._ensure_cache(max(map(len, prompts)) + 4)
+    for row, ids in enumerate(prompts):
+        engine._admit(row, Request(ids), row)
+    assert common_prefix_len(engine.prefix, prompts[1]) > 180  # system block + instruction, computed once
+    with torch.inference_mode():
+        for row, ids in enumerate(prompts):
+            out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+            for layer, reference in enumerate(out.past_key_values.layers):
+                keys = engine.cache.keys[layer][row, :, :len(ids) - 1]
+                values = engine.cache.values[layer][row, :, :len(ids) - 1]
+                torch.testing.assert_close(keys, reference.keys[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(values, reference.values[0], rtol=1e-4, atol=1e-5)
+    view = _PrefillView(engine.cache, 0, 5)
+    assert view.get_seq_length() == 5
+
+
+def test_an_answer_ends_at_the_first_stop_token_which_is_counted(model, tokenizer, monkeypatch):
+    """A stop token ends a row at once (counted, left out of the text); the others go on to their budget."""
+    t = tokenizer.encode("好", allowed_special=set())[0]
+    script = {0: [t, t, tokenizer.im_end_id], 1: [t] * 5}
+    engine = Engine(model, tokenizer, 2)
+    steps = {"n": 0}
+
+    def scripted(tokens, positions, width):
+        logits = torch.zeros(len(tokens), model.config.vocab_size)
+        for row in range(len(tokens)):
+            wanted = script[row if len(tokens) == 2 else 1]
+            logits[row, wanted[min(steps["n"], len(wanted) - 1)]] = 1.0
+        steps["n"] += 1
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", scripted)
+    prompts = [[1] * 30, [2] * 20]  # the longer first: row 0
+    results = engine.generate([Request(p, Decoding(max_new_tokens=5, repetition_penalty=1.0)) for p in prompts])
+    assert (results[0].tokens, results[0].text, results[0].finish_reason) == ([t, t, tokenizer.im_end_id], "好好",
+                                                                              "stop")
+    assert (results[1].text, results[1].finish_reason, results[1].truncated) == ("好" * 5, "length", True)
+
+
+def check_answer(result, dialogue, budget):
+    """Valid (the fence, the 8 keys in order, typed), grounded (each list item a span of one dialogue line), ended
+    (by itself, or closed at the budget and flagged) and within the budget."""
+    text = result.text
+    assert text.startswith(grammar.OPEN_FENCE) and text.endswith(grammar.CLOSE_FENCE), text
+    fields = json.loads(text[len(grammar.OPEN_FENCE):-len(grammar.CLOSE_FENCE)])
+    assert list(fields) == list(EXTRACT_KEYS)
+    for key in LIST_KEYS:
+        for item in fields[key]:
+            assert isinstance(item, str) and item and item in dialogue and "\n" not in item
+    assert all(isinstance(fields[key], str) for key in TEXT_KEYS)
+    assert result.tokens[-1] == 151645 and result.finish_reason == "stop"
+    assert len(result.tokens) <= budget
+    return fields
+
+
+@pytest.mark.parametrize("budget", [64, 100, 160])
+def test_random_weights_under_the_grammar_give_valid_grounded_closed_answers(model, tokenizer, vocabulary, budget):
+    requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=budget), "grounded",
+                                   vocabulary)[0] for d in DIALOGUES]
+    results = Engine(model, tokenizer, 3, vocabulary).generate(requests)
+    items = 0
+    for dialogue, result in zip(DIALOGUES, results):
+        fields = check_answer(result, dialogue, budget)
+        items += sum(len(fields[k]) for k in LIST_KEYS)
+        assert result.truncated  # random weights never finish by themselves: closed at the budget
+        assert len(result.tokens) >= budget - 20  # and not long before it
+    assert items > 0
+
+
+def test_schema_keeps_the_format_but_not_the_spans(model, tokenizer, vocabulary):
+    requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=120), "schema",
+                                   vocabulary)[0] for d in DIALOGUES[:3]]
+    results = Engine(model, tokenizer, 3, vocabulary).generate(requests)
+    for result in results:
+        text = result.text
+        fields = json.loads(text[len(grammar.OPEN_FENCE):-len(grammar.CLOSE_FENCE)])
+        assert list(fields) == list(EXTRACT_KEYS) and result.tokens[-1] == tokenizer.im_end_id
+        assert all(item for key in LIST_KEYS for item in fields[key])
+
+
+def test_batched_equals_one_at_a_time_under_the_grammar(model, tokenizer, vocabulary):
+    requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=80), "grounded",
+                                   vocabulary)[0] for d in DIALOGUES]
+    together = Engine(model, tokenizer, 4, vocabulary).generate(requests)
+    alone = [Engine(model, tokenizer, 1, vocabulary).generate([r])[0] for r in requests]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+
+
+def test_sampling_is_seeded_per_answer(model, tokenizer):
+    prompts = prompts_of(tokenizer)
+    decoding = Decoding(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.8, seed=7, min_new_tokens=8)
+    first = Engine(model, tokenizer, 3).generate([Request(p, decoding) for p in prompts])
+    again = Engine(model, tokenizer, 1).generate([Request(p, decoding) for p in prompts])
+    assert [r.tokens for r in first] == [r.tokens for r in again]  # other batch, same answers
+    other = Engine(model, tokenizer, 3).generate([Request(p, Decoding(**{**decoding.__dict__, "seed": 8}))
+                                                  for p in prompts])
+    assert [r.tokens for r in other] != [r.tokens for r in first]
+
+
+def test_streamed_text_joins_into_the_answer_and_cancel_stops(model, tokenizer, vocabulary):
+    chunks = []
+    request, _ = extraction_request(tokenizer, INSTRUCTION + DIALOGUES[0], DIALOGUES[0], Decoding(max_new_tokens=90),
+                                    "grounded", vocabulary, on_text=chunks.append)
+    result = Engine(model, tokenizer, 2, vocabulary).generate([request])[0]
+    assert "".join(chunks) == result.text and len(chunks) > 5
+    calls = {"n": 0}
+
+    def cancelled():
+        calls["n"] += 1
+        return calls["n"] >= 4
+
+    stopped = Engine(model, tokenizer, 2).generate([Request(prompts_of(tokenizer)[0], Decoding(max_new_tokens=50),
+                                                            cancelled=cancelled)])[0]
+    assert stopped.finish_reason == "cancelled" and len(stopped.tokens) == 4
+
+
+def test_a_request_too_long_for_the_context_is_refused(model, tokenizer):
+    with pytest.raises(ValueError, match="exceed the model's 8192-token context"):
+        list(Engine(model, tokenizer, 1).stream([Request([1] * 8190, Decoding(max_new_tokens=10))]))
