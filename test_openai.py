@@ -18,6 +18,14 @@ Interactive, as the chapter does it: paste a dialogue, end it with an empty line
 when it holds JSON); quit, exit, Ctrl-D or Ctrl-C leave.
 
     python test_openai.py --model gpt-4o-mini
+
+`--constraint grounded` (or `schema`) sends each dialogue's answer grammar (grammar.py) the way vLLM (0.12 and later)
+and serve.py take one, `extra_body={"structured_outputs": {"grammar": ...}}`; OpenAI itself takes no grammar, hence
+the default `none`. A server may ignore a field it does not know and still answer, so every answer is checked against
+the grammar it was sent: its record says `follows_grammar`, and the run ends by counting the answers that broke it.
+
+    python test_openai.py --base_url http://127.0.0.1:8000/v1 --model merged --constraint grounded \
+        --input_file data/test.json --output_file predictions_vllm.jsonl
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from typing import Callable, Sequence
 import openai
 from tqdm import tqdm
 
+from grammar import CONSTRAINTS
 from predict import Example, interactive, read_examples, show_answer
 from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_run_settings, input_digest,
                    pending)
@@ -64,6 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="most tokens in one answer (the API's name; predict.py's --max_tgt_len is the same)")
     gen.add_argument("--json_mode", action="store_true",
                      help='ask for response_format {"type": "json_object"} (not every compatible server has it)')
+    gen.add_argument("--constraint", choices=CONSTRAINTS, default="none",
+                     help="send each dialogue's answer grammar as vLLM takes it (structured_outputs.grammar; vLLM "
+                          ">= 0.12, serve.py) and count the answers that break it; grounded: list items copied from "
+                          "the dialogue; schema: the format only; none: no grammar (OpenAI takes none)")
 
     batch = parser.add_argument_group("batch mode")
     batch.add_argument("--input_file", type=str, default=None,
@@ -94,20 +107,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = build_client(args.base_url, args.timeout)
     settings = Settings(model=args.model, temperature=args.temperature, max_tokens=args.max_tokens,
                         json_mode=args.json_mode, max_retries=args.max_retries,
-                        retry_base_delay=args.retry_base_delay)
+                        retry_base_delay=args.retry_base_delay, constraint=args.constraint)
+    checker = GrammarChecker(args.constraint) if args.constraint != "none" else None
     if args.input_file is None:
-        return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, settings), show)
+        return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, dialogue, settings,
+                                                           checker), show)
     try:
         examples = read_examples(args.input_file)
         pending(examples, args.output_file, args.input_file)  # a bad or foreign results file stops here
         check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
                                               "temperature": args.temperature, "max_tokens": args.max_tokens,
-                                              "json_mode": args.json_mode})
+                                              "json_mode": args.json_mode, "constraint": args.constraint},
+                           implied={"constraint": "none"})
     except ValueError as e:
         raise SystemExit(f"test_openai.py: error: {e}") from None
     try:
         failures = predict_file(client, examples, args.output_file, settings, args.concurrency,
-                                source=args.input_file)
+                                source=args.input_file, checker=checker)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the answers so far are in {args.output_file}; rerun the same command to resume",
               file=sys.stderr, flush=True)
@@ -138,6 +154,7 @@ class Settings:
     max_retries: int = 5
     retry_base_delay: float = 1.0
     max_retry_delay: float = 60.0
+    constraint: str = "none"
 
 
 class RequestFailed(Exception):
@@ -162,11 +179,14 @@ def build_messages(user_text: str) -> list[dict]:
 
 
 def ask(client: openai.OpenAI, user_text: str, settings: Settings, sleep: Callable[[float], object] = time.sleep,
-        stop: threading.Event | None = None) -> tuple[str, str | None]:
-    """(answer text, finish_reason) for one user message. At most `settings.max_retries + 1` attempts; raises
-    RequestFailed when the last one fails, when the server refuses for good (other 4xx), when the body is not
-    a chat completion, or when `stop` is set before the next attempt."""
+        stop: threading.Event | None = None, grammar: str | None = None) -> tuple[str, str | None]:
+    """(answer text, finish_reason) for one user message, under `grammar` (EBNF, sent as vLLM's structured_outputs)
+    if given. At most `settings.max_retries + 1` attempts; raises RequestFailed when the last one fails, when the
+    server refuses for good (other 4xx), when the body is not a chat completion, or when `stop` is set before the next
+    attempt."""
     extra = {"response_format": {"type": "json_object"}} if settings.json_mode else {}
+    if grammar is not None:
+        extra["extra_body"] = {"structured_outputs": {"grammar": grammar}}
     error: Exception | None = None
     for attempt in range(settings.max_retries + 1):
         if attempt:
@@ -236,9 +256,11 @@ def describe(error: Exception | None) -> str:
 
 
 def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file: str, settings: Settings,
-                 concurrency: int = 4, source: str = "input") -> list[tuple[int, str]]:
+                 concurrency: int = 4, source: str = "input",
+                 checker: "GrammarChecker | None" = None) -> list[tuple[int, str]]:
     """Ask for every example whose id is not yet in `output_file`, `concurrency` at a time, appending each answer as
-    it arrives. Returns the (id, error) of the requests that failed; they are left out of the file."""
+    it arrives; with `checker`, under its grammar, each answer checked against it. Returns the (id, error) of the
+    requests that failed; they are left out of the file."""
     todo, done = pending(examples, output_file, source)
     print(f"{source}: {len(examples)} records, {done} already in {output_file}, "
           f"{len(todo)} to request from {settings.model}", flush=True)
@@ -248,6 +270,8 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     start = time.perf_counter()
     digests = {e.id: input_digest(e.user_text) for e in todo}
+    grammars = {e.id: checker.ebnf(e.user_text[e.instruction_chars:]) if checker else None for e in todo}
+    broke: list[int] = []
     stop = threading.Event()  # set on the way out, so that after Ctrl-C no worker starts another attempt
     pool = ThreadPoolExecutor(max_workers=concurrency)
     recorded: set = set()
@@ -261,12 +285,18 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
             failures.append((i, str(e)))
             bar.write(f"id {i}: failed: {e}", file=sys.stderr)
         else:
+            extra = {}
+            if checker is not None:
+                extra["follows_grammar"] = checker.follows(grammars[i], content)
+                if not extra["follows_grammar"]:
+                    broke.append(i)
             append_jsonl(output_file, [{"id": i, "output": content, "model": settings.model,
-                                        "finish_reason": finish_reason, "input_digest": digests[i]}])
+                                        "finish_reason": finish_reason, **extra, "input_digest": digests[i]}])
         bar.update(1)
 
     try:
-        futures = {pool.submit(ask, client, e.user_text, settings, stop.wait, stop): e.id for e in todo}
+        futures = {pool.submit(ask, client, e.user_text, settings, stop.wait, stop, grammars[e.id]): e.id
+                   for e in todo}
         with tqdm(total=len(todo), desc=settings.model, unit="request") as bar:
             try:
                 for future in as_completed(futures):
@@ -283,6 +313,10 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
     seconds = time.perf_counter() - start
     print(f"wrote {len(todo) - len(failures)} answers to {output_file} | {len(failures)} failed | {seconds:.1f} s",
           flush=True)
+    if checker is not None:
+        print(f"{len(broke)} of {len(todo) - len(failures)} answers broke the {settings.constraint} grammar they "
+              f"were sent" + (" (the server ignored it, or cut answers at --max_tokens): ids "
+                              + ", ".join(map(str, sorted(broke))) if broke else ""), flush=True)
     if failures:
         print(f"{len(failures)} requests failed (rerun the same command to retry them): "
               + ", ".join(str(i) for i, _ in sorted(failures)), file=sys.stderr, flush=True)
@@ -311,13 +345,46 @@ def keep_in_flight(in_flight: list, record: Callable, bar, output_file: str) -> 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def answer_or_none(client: openai.OpenAI, user_text: str, settings: Settings) -> str | None:
-    """The answer, or None after printing why the request failed (the loop goes on)."""
+def answer_or_none(client: openai.OpenAI, user_text: str, dialogue: str, settings: Settings,
+                   checker: "GrammarChecker | None" = None) -> str | None:
+    """The answer, or None after printing why the request failed (the loop goes on); under a constraint, a warning
+    when the answer breaks the grammar it was sent."""
+    ebnf = checker.ebnf(dialogue) if checker else None
     try:
-        return ask(client, user_text, settings)[0]
+        answer = ask(client, user_text, settings, grammar=ebnf)[0]
     except RequestFailed as e:
         print(f"request failed: {e}", file=sys.stderr, flush=True)
         return None
+    if checker is not None and not checker.follows(ebnf, answer):
+        print(f"(this answer breaks the {settings.constraint} grammar it was sent: the server ignored it, or cut "
+              f"the answer)", flush=True)
+    return answer
+
+
+class GrammarChecker:
+    """The answer grammar of a dialogue (grammar.build_ebnf) and the check that an answer follows it, through
+    xgrammar with Qwen's vocabulary (the packaged qwen.tiktoken: no model is needed)."""
+
+    def __init__(self, constraint: str):
+        from grammar import build_vocabulary
+        from qwen1_8.tokenization_qwen import QWenTokenizer, packaged_vocab_file
+
+        self.constraint = constraint
+        self.vocabulary = build_vocabulary(QWenTokenizer(vocab_file=packaged_vocab_file()))
+        self.lock = threading.Lock()  # answers arrive on worker threads
+
+    def ebnf(self, dialogue: str) -> str:
+        from grammar import build_ebnf
+
+        return build_ebnf(dialogue, self.constraint)
+
+    def follows(self, ebnf: str, answer: str) -> bool:
+        """Whether the whole answer is one the grammar produces (the text, complete; the end token is the server's)."""
+        from grammar import AnswerGrammar
+
+        with self.lock:
+            matcher = AnswerGrammar(self.vocabulary, ebnf).matcher
+            return bool(matcher.accept_string(answer)) and matcher.is_completed()
 
 
 def show(text: str | None) -> None:

@@ -1,8 +1,12 @@
 """Extraction throughput: the chapter's way (one dialogue at a time, plain generate) against predict.py's batched
-path (length-sorted left-padded batches, shared-prefix prefill, KV cache written in place, SDPA).
+engine (generation.py: a row per answer in one in-place KV cache, shared-prefix prefill, continuous refill, SDPA).
+With --constraint grounded (or schema) it measures instead what the answer grammar costs: free generation against
+constrained generation, batch size by batch size, on the same model and prompts.
 
 Every variant runs the same model on the same prompts and generates exactly --new_tokens tokens per dialogue
-(min_new_tokens = max_new_tokens: random weights never emit <|im_end|>), greedy. The default, 64, is below the
+(min_new_tokens = max_new_tokens: random weights never emit <|im_end|>), greedy. Under the constraint the grammar's
+masks are computed and applied at every step, but the answer is not closed at the budget (random weights would
+otherwise write shorter answers), so both variants generate the same tokens count. The default, 64, is below the
 ~150 tokens of a real answer, to keep the chapter's way under 10 minutes on 2 CPU cores; since reading the prompt
 costs nearly the same in every variant, a shorter count understates what batching gains on the real task. Variants
 are interleaved round by round over the length-sorted samples, so a busy shared machine slows them alike. The last
@@ -13,6 +17,7 @@ chapter's samples/s).
     python bench/bench_predict.py           # CPU: a random 10-layer, 512-wide model with the full vocabulary
     python bench/bench_predict.py --real_shape --device cuda --new_tokens 128 --batch_sizes 8 16 32   # GPU: 1.8B shape
     python bench/bench_predict.py --model_path output_dir_qlora/merged --device cuda --new_tokens 128
+    python bench/bench_predict.py --constraint grounded --batch_sizes 16   # what the grammar costs
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ if ROOT not in sys.path:
 
 import predict  # noqa: E402
 from bench.common import add_model_args, apply_real_shape, machine_info, random_model  # noqa: E402
+from generation import Decoding, Engine, Request, reference_config, stop_token_ids  # noqa: E402
+from grammar import CONSTRAINTS, AnswerGrammar, build_vocabulary  # noqa: E402
 from utils import HelpFormatter, resolve_device, set_random_seed  # noqa: E402
 
 
@@ -54,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     work.add_argument("--max_len", type=int, default=2048, help="prompt truncation, as in training")
     work.add_argument("--max_src_len", type=int, default=1560, help="prompt truncation, as in training")
     work.add_argument("--seed", type=int, default=0, help="seed of the random model")
+    work.add_argument("--constraint", choices=CONSTRAINTS, default="none",
+                      help="none: the chapter's way against ours; grounded / schema: ours free against ours under "
+                           "that answer grammar")
     args = parser.parse_args(argv)
     apply_real_shape(args)
     if not os.path.isfile(args.input_file):
@@ -75,29 +85,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     examples = predict.read_examples(args.input_file)[:args.num_samples]
     prompts = {e.id: predict.prompt_ids(tokenizer, e.user_text, args.max_len, args.max_src_len) for e in examples}
-    config = predict.build_generation_config(tokenizer, args.new_tokens, repetition_penalty=args.repetition_penalty,
-                                             min_new_tokens=args.new_tokens)
-    warm_up(model, tokenizer, list(prompts.values()), config)
+    dialogues = {e.id: e.user_text[e.instruction_chars:] for e in examples}
+    decoding = Decoding(max_new_tokens=args.new_tokens, repetition_penalty=args.repetition_penalty,
+                        min_new_tokens=args.new_tokens)
+    vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
+    warm_up(model, tokenizer, list(prompts.values()))
 
-    # Rounds of lcm(batch sizes) samples, in predict.py's length order, so each round's batches are exactly the
-    # batches predict.py would form over the whole file.
-    order = [i for batch in predict.length_sorted_batches(prompts, len(prompts)) for i in batch]
+    # Rounds of lcm(batch sizes) samples, longest prompts first, as the engine orders them.
+    order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
     round_size = math.lcm(*args.batch_sizes)
-    names = ["chapter (batch 1)"] + [f"ours (batch {b})" for b in args.batch_sizes]
+    if args.constraint == "none":
+        names = ["chapter (batch 1)"] + [f"ours (batch {b})" for b in args.batch_sizes]
+        runs = [(names[0], None, None)] + [(f"ours (batch {b})", b, None) for b in args.batch_sizes]
+    else:
+        runs = [run for b in args.batch_sizes for run in ((f"free (batch {b})", b, None),
+                                                          (f"{args.constraint} (batch {b})", b, args.constraint))]
+        names = [name for name, _, _ in runs]
     seconds: dict[str, float] = defaultdict(float)
     outputs: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)
     for start in range(0, len(order), round_size):
         ids = order[start:start + round_size]
-        t0 = time.perf_counter()
-        for i in ids:
-            outputs[names[0]][i] = chapter_generate(model, tokenizer, prompts[i], config)
-        seconds[names[0]] += time.perf_counter() - t0
-        for name, batch_size in zip(names[1:], args.batch_sizes):
+        for name, batch_size, constraint in runs:
             t0 = time.perf_counter()
-            for records in predict.predict_batches(model, tokenizer, {i: prompts[i] for i in ids}, batch_size,
-                                                   config):
-                for r in records:
-                    outputs[name][r["id"]] = (r["output"], r["num_new_tokens"])
+            if batch_size is None:
+                for i in ids:
+                    outputs[name][i] = chapter_generate(model, tokenizer, prompts[i], decoding)
+            else:
+                engine = Engine(model, tokenizer, batch_size, vocabulary)
+                requests = [Request(prompts[i], decoding, grammar_for(vocabulary, dialogues[i], constraint))
+                            for i in ids]
+                for k, result in engine.stream(requests):
+                    outputs[name][ids[k]] = (result.text, len(result.tokens))
             seconds[name] += time.perf_counter() - t0
         print(f"round {start // round_size + 1}: {len(ids)} samples | "
               + " | ".join(f"{n} {seconds[n]:.1f} s" for n in names), flush=True)
@@ -106,16 +124,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     variants = []
     for name in names:
         new_tokens = sum(count for _, count in outputs[name].values())
-        same = sum(outputs[name][i] == outputs[names[0]][i] for i in prompts)
-        variants.append({"name": name, "seconds": round(seconds[name], 2),
-                         "samples_per_s": round(n / seconds[name], 3),
-                         "new_tokens_per_s": round(new_tokens / seconds[name], 1),
-                         "same_output_as_chapter": f"{same}/{n}"})
-        print(f"{name:>18}: {seconds[name]:7.1f} s | {n / seconds[name]:6.3f} samples/s | "
-              f"{new_tokens / seconds[name]:7.1f} new tokens/s | same output as the chapter's way {same}/{n}")
-    best = max(variants[1:], key=lambda v: v["samples_per_s"])
-    speedup = best["samples_per_s"] / variants[0]["samples_per_s"]
-    print(f"speedup: {speedup:.2f}x ({best['name']} against the chapter's way)")
+        variant = {"name": name, "seconds": round(seconds[name], 2), "samples_per_s": round(n / seconds[name], 3),
+                   "new_tokens": new_tokens, "new_tokens_per_s": round(new_tokens / seconds[name], 1)}
+        if args.constraint == "none":
+            same = sum(outputs[name][i] == outputs[names[0]][i] for i in prompts)
+            variant["same_output_as_chapter"] = f"{same}/{n}"
+        variants.append(variant)
+        print(f"{name:>22}: {seconds[name]:7.1f} s | {n / seconds[name]:6.3f} samples/s | "
+              f"{new_tokens / seconds[name]:7.1f} new tokens/s"
+              + (f" | same output as the chapter's way {variant['same_output_as_chapter']}"
+                 if args.constraint == "none" else f" | {new_tokens} new tokens"))
+    if args.constraint == "none":
+        best = max(variants[1:], key=lambda v: v["samples_per_s"])
+        speedup = best["samples_per_s"] / variants[0]["samples_per_s"]
+        print(f"speedup: {speedup:.2f}x ({best['name']} against the chapter's way)")
+    else:  # per batch size: constrained tokens/s over free tokens/s
+        costs = {v["name"]: round(1 - c["new_tokens_per_s"] / v["new_tokens_per_s"], 4)
+                 for v, c in zip(variants[::2], variants[1::2])}
+        for name, cost in costs.items():
+            print(f"the {args.constraint} grammar costs {100 * cost:.1f} % of {name}'s throughput")
     lengths = [len(p) for p in prompts.values()]
     result = {
         "benchmark": "bench_predict",
@@ -124,34 +151,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": model_info(model, model_path),
         "settings": {"input_file": os.path.relpath(args.input_file, ROOT), "num_samples": n,
                      "new_tokens": args.new_tokens, "greedy": True, "repetition_penalty": args.repetition_penalty,
+                     "constraint": args.constraint,
                      "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                      "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / n, 1), "max": max(lengths)},
                      "round_size": round_size},
         "variants": variants,
-        "best": best["name"],
-        "speedup": round(speedup, 2),
     }
+    if args.constraint == "none":
+        result.update(best=best["name"], speedup=round(speedup, 2))
+    else:
+        result["constraint_cost"] = costs
     print(json.dumps(result, ensure_ascii=False))
     return result
 
 
 @torch.inference_mode()
-def chapter_generate(model, tokenizer, ids: list[int], config) -> tuple[str, int]:
+def chapter_generate(model, tokenizer, ids: list[int], decoding: Decoding) -> tuple[str, int]:
     """The chapter's predict.py: one prompt, no padding, a plain generate() with transformers' own cache."""
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         generation_config=reference_config(tokenizer, decoding))
     new = out[0, len(ids):].tolist()
-    stops = set(predict.stop_token_ids(tokenizer))
+    stops = set(stop_token_ids(tokenizer))
     n_new = next((k + 1 for k, token in enumerate(new) if token in stops), len(new))
     return tokenizer.decode(new[:n_new], skip_special_tokens=True), n_new
 
 
-def warm_up(model, tokenizer, prompts: list[list[int]], config) -> None:
+def grammar_for(vocabulary, dialogue: str, constraint: str | None):
+    """The answer grammar's builder, or None; not closable, so that random weights write full-length answers."""
+    if constraint is None:
+        return None
+    return lambda: AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
+
+
+def warm_up(model, tokenizer, prompts: list[list[int]]) -> None:
     """First calls pay for allocator growth and kernel selection; keep that out of every variant's time."""
-    short = predict.build_generation_config(tokenizer, 2, min_new_tokens=2)
+    short = Decoding(max_new_tokens=2, min_new_tokens=2)
     chapter_generate(model, tokenizer, prompts[0][:64], short)
-    predict.generate_from_ids(model, tokenizer, [p[:64] for p in prompts[:2]], short)
+    Engine(model, tokenizer, 2).generate([Request(p[:64], short) for p in prompts[:2]])
 
 
 def model_info(model, model_path: str) -> dict:

@@ -38,6 +38,20 @@ def test_bench_predict_smoke(tmp_path, capsys):
     assert result["machine"]["device"] == "cpu" and result["machine"]["cpu_count"] >= 1
 
 
+def test_bench_predict_measures_the_grammar_against_free_generation(tmp_path, capsys):
+    data = tmp_path / "test.json"
+    with open(data, "w", encoding="utf-8") as f:
+        for d in ["医生: 你好\n患者: 咳嗽两天。\n", "医生: 哪里不舒服？\n患者: 头痛，有点发烧。\n"]:
+            f.write(json.dumps({"input": d}, ensure_ascii=False) + "\n")
+    bench = load_script("bench_predict")
+    bench.main(TINY + ["--cache_dir", str(tmp_path), "--input_file", str(data), "--num_samples", "2",
+                       "--new_tokens", "30", "--batch_sizes", "2", "--constraint", "grounded"])
+    result = last_json_line(capsys.readouterr().out)
+    assert [v["name"] for v in result["variants"]] == ["free (batch 2)", "grounded (batch 2)"]
+    assert [v["new_tokens"] for v in result["variants"]] == [60, 60]  # the same work, masks or not
+    assert set(result["constraint_cost"]) == {"free (batch 2)"}
+
+
 def test_bench_predict_needs_the_test_split(tmp_path):
     bench = load_script("bench_predict")
     with pytest.raises(SystemExit, match="data_helper.py"):

@@ -1,7 +1,8 @@
 """Memorise then recall, end to end, through the real scripts: train.py (4-bit NF4 QLoRA) learns three short samples
 by heart, merge_params.py folds the adapter into the full-precision base, predict.py extracts them greedily in one
-left-padded batch, and evaluate.py must report F1 = 1 and exact match = 1. Any disagreement between the training
-labels, the merge, the prompt, stopping at <|im_end|> or the parser breaks it."""
+batch under the answer grammar, and evaluate.py must report F1 = 1 and exact match = 1; the answers equal the
+unconstrained ones token for token. Any disagreement between the training labels, the merge, the prompt, stopping at
+<|im_end|>, the grammar or the parser breaks it."""
 import json
 import os
 import subprocess
@@ -48,12 +49,19 @@ def test_memorise_then_recall(tmp_path):
     merged = tmp_path / "merged"
     run("merge_params.py", "--ori_model_dir", base, "--model_dir", str(out / "epoch-6-step-120"),
         "--save_model_dir", str(merged))
-    pred = tmp_path / "pred.jsonl"
-    run("predict.py", "--model_path", str(merged), "--input_file", str(gold), "--output_file", str(pred),
-        "--batch_size", "3", "--max_tgt_len", "200", "--max_len", "512", "--max_src_len", "400")
+    pred, free = tmp_path / "pred.jsonl", tmp_path / "free.jsonl"
+    common = ["--model_path", str(merged), "--input_file", str(gold), "--batch_size", "3", "--max_tgt_len", "200",
+              "--max_len", "512", "--max_src_len", "400"]
+    run("predict.py", *common, "--output_file", str(pred))  # --constraint grounded, the default
+    run("predict.py", *common, "--output_file", str(free), "--constraint", "none")
     records = [json.loads(line) for line in pred.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["id"] for r in records) == [0, 1, 2]
-    assert all(r["num_new_tokens"] < 200 for r in records)  # stopped at <|im_end|>, not at the token limit
+    assert all(r["num_new_tokens"] < 200 and not r["truncated"] for r in records)  # stopped at <|im_end|>
+    # the constraint never changes an answer that already follows the format: the free answers, token for token
+    unconstrained = {r["id"]: r for r in map(json.loads, free.read_text(encoding="utf-8").splitlines())}
+    for r in records:
+        assert (r["output"], r["num_new_tokens"]) == (unconstrained[r["id"]]["output"],
+                                                      unconstrained[r["id"]]["num_new_tokens"])
     report = json.loads(run("evaluate.py", "--gold", str(gold), "--pred", str(pred), "--json"))
     assert report["overall"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     assert report["exact_match"] == 1.0 and report["json_valid_rate"] == 1.0 and report["grounded_rate"] == 1.0

@@ -18,7 +18,8 @@ import openai
 import pytest
 
 import test_openai as baseline
-from utils import INSTRUCTION, SYSTEM_PROMPT, input_digest
+from grammar import build_ebnf, empty_answer
+from utils import INSTRUCTION, SYSTEM_PROMPT, format_output, input_digest
 
 SECRET = "sk-test-do-not-leak-8f3a91c2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,9 @@ class FakeServer:
                         return self.reply(200, b'{"id": "cmpl-1", "object": "chat.completion"}')
                     if marker == "NOCONTENT":
                         return self.reply(200, completion(body["model"], None))
+                if marker == "OBEYS":  # an answer that follows the answer grammar: spans of its dialogue
+                    fields = {**json.loads(empty_answer()[8:-4]), "药品名称": ["头疼"], "诊断结果": "感冒"}
+                    return self.reply(200, completion(body["model"], format_output(fields)))
                 content = "```json\n" + json.dumps({"药品名称": [marker], "诊断结果": "感冒"}, ensure_ascii=False) + "\n```"
                 return self.reply(200, completion(body["model"], content))
 
@@ -420,3 +424,25 @@ def test_a_second_ctrl_c_leaves_at_once(server, tmp_path):
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130 and time.monotonic() - start < 10  # not the 30 s the server takes
     assert "left without them" in err and "Traceback" not in err and SECRET not in out + err
+
+
+def test_constraint_sends_the_grammar_and_counts_answers_that_break_it(server, api_key, tmp_path, capfd):
+    """--constraint grounded: each request carries its dialogue's grammar as vLLM takes it; this server ignores it
+    (as a server that does not know the field may), so the answers that break it are flagged and counted."""
+    write_input(tmp_path / "in.jsonl", ["OBEYS", "IGNORES"])
+    assert run(server, tmp_path, "--constraint", "grounded") == 0
+    grammars = {b["messages"][-1]["content"]: b["structured_outputs"]["grammar"] for b in server.bodies}
+    for marker in ("OBEYS", "IGNORES"):
+        assert grammars["请抽取要素：\n" + dialogue(marker)] == build_ebnf(dialogue(marker), "grounded")
+    out = read_output(tmp_path / "out.jsonl")
+    assert (out[0]["follows_grammar"], out[1]["follows_grammar"]) == (True, False)
+    assert "1 of 2 answers broke the grounded grammar they were sent" in capfd.readouterr().out
+    with open(tmp_path / "out.jsonl.settings.json", encoding="utf-8") as f:
+        assert json.load(f)["constraint"] == "grounded"
+    # the default sends no grammar (OpenAI takes none) and records no check
+    write_input(tmp_path / "in.jsonl", ["OBEYS"])
+    server.bodies.clear()
+    assert baseline.main([*run_flags(server, tmp_path)[:-4], "--output_file", str(tmp_path / "free.jsonl"),
+                          "--retry_base_delay", "0.001"]) == 0
+    assert "structured_outputs" not in server.bodies[0]
+    assert "follows_grammar" not in read_output(tmp_path / "free.jsonl")[0]
