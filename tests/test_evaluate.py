@@ -339,3 +339,17 @@ def test_reference_test_set_against_itself(reference_dir):
     ids, golds = ev.load_gold(os.path.join(reference_dir, "book_test.json"))
     preds = [{"id": i, "output": g["output"]} for i, g in zip(ids, golds)]
     assert_perfect(ev.evaluate(golds, preds, gold_ids=ids), 50)
+
+
+def test_a_degenerate_answer_is_scored_invalid_not_a_crash(tmp_path, capsys):
+    """One answer nested 1,000 brackets deep (a model stuck repeating "[") and one with a lone surrogate: the file is
+    scored, the first counting as invalid JSON."""
+    gold_file, pred_file = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_jsonl(gold_file, [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)])
+    with open(pred_file, "w", encoding="utf-8") as f:  # ASCII escapes: the surrogate as \\ud800, as a file holds it
+        f.write(json.dumps({"id": 0, "output": '{"药品名称": ' + "[" * 1000 + "]" * 1000 + "}"}) + "\n")
+        f.write(json.dumps({"id": 1, "output": '{"药品名称": ["\ud800头孢"], "现病史": "咳嗽一周"}'}) + "\n")
+    assert ev.main(["--gold", str(gold_file), "--pred", str(pred_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 2 and report["json_valid_rate"] == 0.5
+    assert report["fields"]["现病史"]["recall"] > 0
