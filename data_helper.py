@@ -15,9 +15,16 @@ import ast
 import json
 import os
 import random
+import re
+import reprlib
 
-from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, atomic_write_text, format_output,
-                   parse_output)
+from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, TOO_DEEP, HelpFormatter, atomic_write_text,
+                   check_output_path, format_output, parse_output)
+
+# Values quoted in error messages: a few levels and items of each, so that no value (a list nested 900 deep, a long
+# text) can make the message itself fail or run on for pages
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 3, 4, 4, 40
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +49,8 @@ def load_records(path: str) -> list:
         raise ValueError(f"{path}: cannot read the file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as e:
         if not e.doc.strip():
             raise ValueError(f"{path}: the file is empty (expected a JSON array of records)") from None
@@ -64,6 +73,8 @@ def parse_extract(value, where: str) -> dict:
     if isinstance(value, str):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise ValueError(f"{where}: extract_text is a string {TOO_DEEP}") from None
         except json.JSONDecodeError:
             try:
                 value = ast.literal_eval(value.strip())
@@ -81,13 +92,13 @@ def parse_extract(value, where: str) -> dict:
     for key in LIST_KEYS:
         items = value[key]
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise ValueError(f"{where}: extract_text['{key}'] must be a list of strings, got {items!r:.60}")
+            raise ValueError(f"{where}: extract_text['{key}'] must be a list of strings, got {_SHORT.repr(items)}")
         if not all(x.strip() for x in items):
-            raise ValueError(f"{where}: extract_text['{key}'] has an empty item: {items!r:.60}")
+            raise ValueError(f"{where}: extract_text['{key}'] has an empty item: {_SHORT.repr(items)}")
         extract[key] = list(dict.fromkeys(items))
     for key in TEXT_KEYS:
         if not isinstance(value[key], str):
-            raise ValueError(f"{where}: extract_text['{key}'] must be a string, got {value[key]!r:.60}")
+            raise ValueError(f"{where}: extract_text['{key}'] must be a string, got {_SHORT.repr(value[key])}")
         extract[key] = value[key]
     return extract
 
@@ -109,8 +120,27 @@ def build_samples(records: list, path: str) -> list[dict]:
         if "extract_text" not in record:
             raise ValueError(f"{where}: missing 'extract_text'")
         extract = parse_extract(record["extract_text"], where)
+        check_utf8(dialogue, f"{where}: 'dialogue_text'")
+        for key in LIST_KEYS:
+            for item in extract[key]:
+                check_utf8(item, f"{where}: extract_text['{key}']")
+        for key in TEXT_KEYS:
+            check_utf8(extract[key], f"{where}: extract_text['{key}']")
         samples.append({"instruction": INSTRUCTION, "input": dialogue, "output": format_output(extract)})
     return samples
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_utf8(text: str, where: str) -> None:
+    """A JSON escape such as \\ud800 without its pair decodes to a lone surrogate, which no UTF-8 file can hold: name
+    it here rather than fail while writing the splits."""
+    match = _LONE_SURROGATE.search(text)
+    if match:
+        raise ValueError(f"{where} holds a lone surrogate (\\u{ord(match.group()):04x} at character "
+                         f"{match.start()}), half of a character pair that UTF-8 cannot store; fix the escape in "
+                         f"the file")
 
 
 def unquoted_items(samples: list[dict]) -> list[int]:
@@ -185,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         paths = [os.path.abspath(p) for p in (args.all_path, args.train_path, args.test_path)]
         if len(set(paths)) < 3:
             raise ValueError("--all_path, --train_path and --test_path must be three different files")
+        check_output_path(args.train_path, "--train_path")
+        check_output_path(args.test_path, "--test_path")
         all_samples = build_samples(load_records(args.all_path), args.all_path)
         samples, dropped, relabelled = drop_repeated_dialogues(all_samples)
         train, test = split_samples(samples, args.test_size, args.seed)
@@ -200,7 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     if unquoted:
         print(f"{args.all_path}: warning: {len(unquoted)} records list an item that does not occur verbatim in their "
               f"dialogue ({records_named(unquoted)}); the model is asked to copy spans")
-    write_split({args.train_path: to_jsonl(train), args.test_path: to_jsonl(test)})
+    try:
+        write_split({args.train_path: to_jsonl(train), args.test_path: to_jsonl(test)})
+    except OSError as e:  # checked above, so rare: a full disk, or a folder made read-only since
+        raise SystemExit(f"data_helper: error: cannot write --train_path {args.train_path} and --test_path "
+                         f"{args.test_path} ({e.strerror}); neither was replaced") from None
     print(f"read {len(samples) + len(dropped)} records from {args.all_path}; wrote {len(train)} to {args.train_path} and "
           f"{len(test)} to {args.test_path} (seed {args.seed})")
 

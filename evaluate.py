@@ -27,7 +27,7 @@ import unicodedata
 from typing import Sequence
 
 from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, HelpFormatter, answer_object, atomic_write_text,
-                   input_digest, iter_jsonl, normalise_fields, parse_output)
+                   check_output_path, input_digest, iter_jsonl, normalise_fields, parse_output)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,6 +50,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--pred names the same file twice")
     if args.report and os.path.realpath(args.report) in map(os.path.realpath, (args.gold, *args.pred)):
         parser.error(f"--report {args.report} is one of the input files; it would be overwritten")
+    if args.report is not None:
+        try:
+            check_output_path(args.report, "--report")
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 
@@ -65,7 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = reports[args.pred[0]] if len(reports) == 1 else reports
     text = json.dumps(report, ensure_ascii=False, indent=2)
     if args.report:
-        atomic_write_text(args.report, text + "\n")
+        try:
+            atomic_write_text(args.report, text + "\n")
+        except OSError as e:  # checked up front, so rare: a full disk, or a folder made read-only since
+            raise SystemExit(f"evaluate.py: error: --report {args.report}: cannot write it ({e.strerror})") from None
     if args.json:
         print(text, flush=True)
     else:

@@ -31,8 +31,10 @@ import tempfile
 
 import torch
 
-from utils import (DTYPES, HelpFormatter, build_chatml_ids, load_tokenizer, resolve_device,
-                   silence_library_deprecations)
+from model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
+from train import CHECKPOINT_NAME
+from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path,
+                   load_tokenizer, one_line, resolve_device, silence_library_deprecations)
 
 # Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
 # fp32 only reorders sums; 16-bit formats also round W + BA once.
@@ -84,9 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     from qwen1_8.modeling_qwen import QWenLMHeadModel
 
     tokenizer = checkpoint_tokenizer(args.model_dir, args.ori_model_dir)
-    base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
-    # torch_device: peft would otherwise read the adapter onto cuda:0 whatever --device says
-    model = PeftModel.from_pretrained(base, args.model_dir, torch_device=str(device)).eval()
+    # validate() read every header; what is left to fail here (a corrupt tensor body, a full disk) is still named
+    try:
+        base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
+    except LOAD_ERRORS as e:
+        fail(f"--ori_model_dir {args.ori_model_dir}: cannot load the model ({one_line(e)})")
+    try:
+        # torch_device: peft would otherwise read the adapter onto cuda:0 whatever --device says
+        model = PeftModel.from_pretrained(base, args.model_dir, torch_device=str(device)).eval()
+    except LOAD_ERRORS as e:
+        fail(f"--model_dir {args.model_dir}: cannot load the adapter ({one_line(e)})")
     probe = probe_input(tokenizer, device)
     with torch.no_grad():
         expected = model(input_ids=probe, use_cache=False).logits.float()
@@ -195,6 +204,11 @@ def validate(args: argparse.Namespace) -> None:
             "no such directory (the base model train.py started from; README §1 says how to get Qwen-1_8B-Chat)"
         fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: {problem}"
              + ("; pass --ori_model_dir" if named_by else ""))
+    try:
+        check_adapter_files(args.model_dir, check_model_files(args.ori_model_dir))
+        check_vocabulary(tokenizer_dir(args.model_dir, args.ori_model_dir))
+    except ValueError as e:
+        fail(str(e))
     save = os.path.realpath(args.save_model_dir)
     # The save directory is replaced as a whole: it must not be, nor hold, anything the merge reads (a run directory
     # given as --model_dir holds the checkpoint merged, and all the others).
@@ -205,6 +219,10 @@ def validate(args: argparse.Namespace) -> None:
                  f"delete; save the merged model somewhere else")
     if os.path.exists(save) and not os.path.isdir(save):
         fail(f"--save_model_dir {args.save_model_dir} is a file")
+    try:
+        check_output_path(args.save_model_dir, "--save_model_dir", directory=True, replaced=True)
+    except ValueError as e:
+        fail(str(e))
     if os.path.isdir(save) and os.listdir(save):
         if not args.overwrite:
             fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
@@ -223,10 +241,17 @@ def resolve_checkpoint(model_dir: str) -> str:
             best = json.load(f)["path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{best_file}: cannot read the best checkpoint's 'path' ({e})")
+    if not isinstance(best, str) or not best:
+        fail(f"{best_file}: its 'path' is {best!r:.60}, not the path of a checkpoint")
     # The checkpoint of that name inside model_dir first: the recorded path may be relative to where train.py ran,
     # or name the original of a copied run.
     inside = os.path.join(model_dir, os.path.basename(os.path.normpath(best)))
     best = inside if os.path.isdir(inside) else best
+    if not os.path.isdir(best):
+        left = sorted(d for d in os.listdir(model_dir) if CHECKPOINT_NAME.match(d))
+        fail(f"--model_dir {model_dir}: its best checkpoint {os.path.basename(os.path.normpath(best))} (named by "
+             f"best_checkpoint.json) no longer exists, in {model_dir} or at {best}; pass one of its checkpoints as "
+             f"--model_dir" + (f" ({', '.join(left)})" if left else " (it holds none)"))
     print(f"{model_dir}: its best checkpoint is {best}")
     return best
 
@@ -257,9 +282,18 @@ def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def tokenizer_dir(model_dir: str, ori_model_dir: str) -> str:
+    """Where the tokenizer comes from: the checkpoint's own files (train.py saves them), else the base's."""
+    return model_dir if os.path.isfile(os.path.join(model_dir, "qwen.tiktoken")) else ori_model_dir
+
+
 def checkpoint_tokenizer(model_dir: str, ori_model_dir: str):
-    """The checkpoint's own tokenizer files (train.py saves them), else the base's."""
-    return load_tokenizer(model_dir if os.path.isfile(os.path.join(model_dir, "qwen.tiktoken")) else ori_model_dir)
+    """The tokenizer of `tokenizer_dir`."""
+    source = tokenizer_dir(model_dir, ori_model_dir)
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as e:  # validate() parsed the vocabulary, so rare
+        fail(f"{os.path.join(source, 'qwen.tiktoken')}: cannot load the tokenizer ({one_line(e)})")
 
 
 def probe_input(tokenizer, device: torch.device) -> torch.Tensor:
@@ -284,7 +318,7 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
             shutil.copyfile(os.path.join(args.model_dir, "train_args.json"), os.path.join(tmp, "train_args.json"))
         with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
-        os.chmod(tmp, 0o755)
+        apply_usual_permissions(tmp)
         if os.path.isdir(target):  # validate() allowed this: it is empty, or --overwrite was given
             os.replace(target, aside)  # the old one is deleted only once the new one is in place
         os.replace(tmp, target)

@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from generation import Decoding, Engine, Result, extraction_request
 from grammar import CONSTRAINTS, build_vocabulary
+from model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary, read_json_object
 from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, HelpFormatter, append_jsonl, build_chatml_ids,
-                   check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16, parse_output, pending,
-                   resolve_device, set_random_seed, silence_library_deprecations)
+                   check_output_path, check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16,
+                   one_line, parse_output, pending, resolve_device, set_random_seed, silence_library_deprecations)
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 # Under a constraint an answer is closed before --max_tgt_len runs out; the empty answer alone takes 46 tokens.
@@ -129,6 +130,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SystemExit(f"--max_src_len ({args.max_src_len}) must be positive and below --max_len ({args.max_len})")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         raise SystemExit(f"--input_file {args.input_file}: no such file")
+    if args.input_file is not None and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
+        raise SystemExit(f"--output_file {args.output_file} is the --input_file: the predictions would be appended "
+                         f"to the dialogues; give another --output_file")
 
 
 def check_model_path(path: str) -> None:
@@ -156,18 +160,21 @@ def check_model_path(path: str) -> None:
 def check_adapter_base(checkpoint: str) -> None:
     """An unmerged train.py checkpoint loads on the base model its adapter_config.json names: train.py's
     --model_name_or_path as given, so a relative path only holds from the directory train.py ran in."""
-    config = os.path.join(checkpoint, "adapter_config.json")
     try:
-        with open(config, encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as e:
-        raise SystemExit(f"{config}: cannot read it ({e})") from None
+        base = read_adapter_config(checkpoint).get("base_model_name_or_path")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"--model_path {checkpoint} is a train.py checkpoint whose adapter_config.json names the base "
                          f"model {base!r}, which is no model directory from {os.getcwd()} (train.py records the path "
                          f"as it was given). Run from the directory train.py ran in, or merge the checkpoint "
                          f"(python merge_params.py --model_dir {checkpoint} --ori_model_dir <base model>) and pass "
                          f"the merged directory")
+
+
+def read_adapter_config(checkpoint: str) -> dict:
+    """A checkpoint's adapter_config.json, which must hold a JSON object."""
+    return read_json_object(os.path.join(checkpoint, "adapter_config.json"))
 
 
 def fill_training_truncation(args: argparse.Namespace) -> None:
@@ -212,7 +219,7 @@ def prepare(args: argparse.Namespace, prog: str) -> Engine:
     silence_library_deprecations()
     set_random_seed(args.seed)
     device = check_inputs(args, prog)
-    model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device))
+    model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device), prog)
     vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
     return Engine(model, tokenizer, args.batch_size, vocabulary)
 
@@ -240,12 +247,28 @@ def check_inputs(args: argparse.Namespace, prog: str) -> torch.device:
     try:
         device = resolve_device(args.device)
         if args.input_file is not None:
+            for path, flag in ((args.output_file, "--output_file"),
+                               (args.output_file + ".settings.json", "the settings file of --output_file")):
+                check_output_path(path, flag)
             pending(read_examples(args.input_file), args.output_file, args.input_file)
+        check_model_dir_files(args.model_path)
+        if args.input_file is not None:  # last: it records the settings of a new results file
             # results begun before --constraint existed were generated freely
             check_run_settings(args.output_file, run_settings(args, device), implied={"constraint": "none"})
     except ValueError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     return device
+
+
+def check_model_dir_files(model_path: str) -> None:
+    """The files check_model_path found, read as far as their headers: config.json, the safetensors weights, the
+    vocabulary, and for a train.py checkpoint its adapter against the base it names (which must have its shape)."""
+    if os.path.isfile(os.path.join(model_path, "config.json")):
+        check_model_files(model_path)
+    else:  # check_adapter_base found the base
+        base = read_adapter_config(model_path)["base_model_name_or_path"]
+        check_adapter_files(model_path, check_model_files(base))
+    check_vocabulary(model_path)
 
 
 def model_fingerprint(model_path: str) -> str:
@@ -282,12 +305,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(model_path: str, device: torch.device, dtype: torch.dtype):
-    """The model in eval mode on `device`, and its tokenizer with the pad id set to `<|endoftext|>`."""
+def load_model(model_path: str, device: torch.device, dtype: torch.dtype, prog: str = "predict.py"):
+    """The model in eval mode on `device`, and its tokenizer with the pad id set to `<|endoftext|>`; a file that
+    fails to load stops the script (`prog`) with its path."""
     from qwen1_8.modeling_qwen import QWenLMHeadModel
 
-    tokenizer = load_tokenizer(model_path)
-    model = QWenLMHeadModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    # check_inputs read every header; what is left to fail here (a corrupt tensor body, a disk error) is still named
+    try:
+        tokenizer = load_tokenizer(model_path)
+        model = QWenLMHeadModel.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    except LOAD_ERRORS as e:
+        raise SystemExit(f"{prog}: error: --model_path {model_path}: cannot load the model ({one_line(e)})") from None
     return model, tokenizer
 
 
@@ -363,6 +391,9 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
         print(f"\ninterrupted: the {done + written} predictions in {output_file} are kept; rerun the same "
               f"command to resume", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except OSError as e:  # checked before the model loaded, so rare: a full disk, a folder made read-only since
+        raise SystemExit(f"error: --output_file {output_file}: cannot append to it ({e.strerror}); the "
+                         f"{done + written} predictions written before are kept, and a rerun resumes") from None
     seconds = time.perf_counter() - start
     print(f"wrote {len(todo)} predictions to {output_file} | {seconds:.1f} s | {len(todo) / seconds:.2f} samples/s | "
           f"{new_tokens / seconds:.1f} new tokens/s | {closed} reached --max_tgt_len"

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -46,8 +47,8 @@ from tqdm import tqdm
 
 from grammar import CONSTRAINTS
 from predict import Example, interactive, read_examples, show_answer
-from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_run_settings, input_digest,
-                   pending)
+from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_output_path, check_run_settings,
+                   input_digest, pending)
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -97,8 +98,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retry_base_delay must be 0 or more, got {args.retry_base_delay}")
     if args.max_tokens < 1:
         parser.error(f"--max_tokens must be at least 1, got {args.max_tokens}")
+    if args.base_url and not is_http_url(args.base_url):  # not echoed: a URL may carry user:password@
+        parser.error("--base_url (or $OPENAI_BASE_URL): not an http:// or https:// URL with a host and a valid port")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         parser.error(f"--input_file {args.input_file}: no such file")
+    if args.input_file is not None:
+        if os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
+            parser.error(f"--output_file {args.output_file} is the --input_file: the answers would be appended to the "
+                         f"dialogues; give another --output_file")
+        try:
+            for path, flag in ((args.output_file, "--output_file"),
+                               (args.output_file + ".settings.json", "the settings file of --output_file")):
+                check_output_path(path, flag)
+        except ValueError as e:
+            parser.error(str(e))
     return args
 
 
@@ -129,6 +142,16 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 130
     return 1 if failures else 0
+
+
+def is_http_url(url: str) -> bool:
+    """Whether the client could send requests to `url` (it fails with a traceback on, say, a bad port)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError on a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def endpoint(client) -> str:
@@ -174,6 +197,20 @@ def build_client(base_url: str | None, timeout: float) -> openai.OpenAI:
     return openai.OpenAI(api_key=api_key, base_url=base_url or None, timeout=timeout, max_retries=0)
 
 
+# A bearer token as an Authorization header carries it, wherever a server or proxy echoes one
+BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;}\]]+")
+MIN_SECRET_LEN = 8  # shorter values are the placeholders keyless local servers take (none, EMPTY), not secrets
+
+
+def scrub(text: str, api_key: str | None) -> str:
+    """`text` with the API key and any `Bearer <token>` replaced, for everything this script prints or writes:
+    a server's error message, or even its answer, may quote the request's Authorization header."""
+    text = BEARER.sub("Bearer [redacted]", text)
+    if api_key and len(api_key) >= MIN_SECRET_LEN:
+        text = text.replace(api_key, "[API key]")
+    return text
+
+
 def build_messages(user_text: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_text}]
 
@@ -212,6 +249,9 @@ def ask(client: openai.OpenAI, user_text: str, settings: Settings, sleep: Callab
     raise RequestFailed(f"gave up after {settings.max_retries + 1} attempts; last error: {describe(error)}")
 
 
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def answer_of(response) -> tuple[str, str | None]:
     """The first choice's text, checked: a body without choices or content is a failure, not a crash."""
     choices = getattr(response, "choices", None)
@@ -222,6 +262,9 @@ def answer_of(response) -> tuple[str, str | None]:
     if not isinstance(content, str):
         raise RequestFailed("malformed response body: choice 0 has no message content")
     finish_reason = getattr(choices[0], "finish_reason", None)
+    # a JSON "\ud800" escape without its pair: no UTF-8 file or terminal takes it, so it becomes U+FFFD, as an
+    # invalid byte does in predict.py's decoded answers
+    content = LONE_SURROGATE.sub("\ufffd", content)
     return content, finish_reason if isinstance(finish_reason, str) else None
 
 
@@ -282,9 +325,10 @@ def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file
         try:
             content, finish_reason = future.result()
         except RequestFailed as e:
-            failures.append((i, str(e)))
-            bar.write(f"id {i}: failed: {e}", file=sys.stderr)
+            failures.append((i, scrub(str(e), client.api_key)))
+            bar.write(f"id {i}: failed: {failures[-1][1]}", file=sys.stderr)
         else:
+            content = scrub(content, client.api_key)
             extra = {}
             if checker is not None:
                 extra["follows_grammar"] = checker.follows(grammars[i], content)
@@ -351,9 +395,9 @@ def answer_or_none(client: openai.OpenAI, user_text: str, dialogue: str, setting
     when the answer breaks the grammar it was sent."""
     ebnf = checker.ebnf(dialogue) if checker else None
     try:
-        answer = ask(client, user_text, settings, grammar=ebnf)[0]
+        answer = scrub(ask(client, user_text, settings, grammar=ebnf)[0], client.api_key)
     except RequestFailed as e:
-        print(f"request failed: {e}", file=sys.stderr, flush=True)
+        print(f"request failed: {scrub(str(e), client.api_key)}", file=sys.stderr, flush=True)
         return None
     if checker is not None and not checker.follows(ebnf, answer):
         print(f"(this answer breaks the {settings.constraint} grammar it was sent: the server ignored it, or cut "

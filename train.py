@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -49,9 +50,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from model_files import check_model_files, check_vocabulary, safetensors_header, weight_shards
 from utils import (IGNORE_INDEX, TRUNCATIONS, WEIGHT_FILES, DataCollator, HelpFormatter, QwenPromptDataSet,
-                   atomic_write_text, load_tokenizer, native_bf16, print_rank_0, set_random_seed,
-                   silence_library_deprecations)
+                   apply_usual_permissions, atomic_write_text, check_output_path, load_tokenizer, native_bf16,
+                   one_line, print_rank_0, set_random_seed, silence_library_deprecations)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
@@ -156,8 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     silence_library_deprecations()
     # Everything that can be wrong with the inputs is checked before the process group exists.
     validate_args(args)
+    fingerprints = run_fingerprints(args)
+    if args.resume_from_checkpoint:
+        check_resume_fingerprints(args.resume_from_checkpoint, fingerprints, rank=int(os.environ.get("RANK", "0")))
     ds_template = load_ds_json(args.ds_file)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    try:
+        tokenizer = load_tokenizer(args.model_name_or_path)
+    except (OSError, ValueError) as e:
+        fail(f"--model_name_or_path {args.model_name_or_path}: cannot load the tokenizer ({one_line(e)})")
     train_set, test_set = build_datasets(args, tokenizer, rank=int(os.environ.get("RANK", "0")))
 
     rank, world_size, device = init_distributed()
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                     epochs=args.num_train_epochs, warmup_ratio=args.warmup_ratio)
     ds_config = build_ds_config(ds_template, args, world_size, precision, plan)
     model = build_model(args, precision, device)
-    run_info = describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank)
+    run_info = describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank,
+                            fingerprints)
     engine = build_engine(model, ds_config)
 
     state = TrainState()
@@ -433,8 +442,10 @@ def build_ds_config(template: dict, args: argparse.Namespace, world_size: int, p
     return cfg
 
 
-def describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank) -> dict:
-    """The resolved settings, printed as counts and saved as train_args.json beside every checkpoint."""
+def describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank,
+                 fingerprints: dict | None = None) -> dict:
+    """The resolved settings, printed as counts and saved as train_args.json beside every checkpoint, with the
+    fingerprints of what the run reads (run_fingerprints), which a resume must find unchanged."""
     trainable, total = model.get_nb_trainable_parameters()  # 4-bit weights counted at their logical size
     print_rank_0(f"trainable params: {trainable:,} || all params: {total:,} || "
                  f"trainable%: {100 * trainable / total:.4f}", rank)
@@ -449,7 +460,7 @@ def describe_run(args, model, ds_config, plan, world_size, device, precision, tr
             "total_optimizer_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
             "trainable_params": trainable, "all_params": total, "train_samples": len(train_set),
             "train_skipped": train_set.skipped, "test_samples": len(test_set) if test_set is not None else 0,
-            "versions": library_versions()}
+            "fingerprints": fingerprints, "versions": library_versions()}
 
 
 def build_engine(model: nn.Module, ds_config: dict):
@@ -641,6 +652,7 @@ def save_checkpoint(ctx: RunContext, state: TrainState, name: str) -> None:
                           to_json({**asdict(state), "plan": asdict(ctx.plan), "world_size": ctx.world_size}))
     dist.barrier()
     if ctx.rank == 0:
+        apply_usual_permissions(tmp)  # safetensors writes the adapter 0600
         if os.path.exists(final):  # left by an abandoned run past the point this one resumed from
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -798,10 +810,19 @@ def validate_args(args: argparse.Namespace) -> None:
             fail(f"--model_name_or_path {model_dir}: {what} is missing")
     if not any(os.path.isfile(os.path.join(model_dir, w)) for w in WEIGHT_FILES):
         fail(f"--model_name_or_path {model_dir}: no weights ({' / '.join(WEIGHT_FILES)})")
+    try:
+        check_model_files(model_dir)
+        check_vocabulary(model_dir)
+    except ValueError as e:
+        fail(str(e))
     for flag in ("train_path", "test_path", "ds_file"):
         path = getattr(args, flag)
         if (path or flag != "test_path") and not os.path.isfile(path):
             fail(f"--{flag} {path}: no such file")
+    try:
+        check_output_path(args.output_dir, "--output_dir", directory=True)
+    except ValueError as e:
+        fail(str(e))
 
     if args.resume_from_checkpoint:
         ckpt = args.resume_from_checkpoint
@@ -813,6 +834,9 @@ def validate_args(args: argparse.Namespace) -> None:
         for needed in ("trainer_state.json", os.path.join(DS_STATE_DIR, DS_STATE_TAG), "rng_state_rank0.json"):
             if not os.path.exists(os.path.join(ckpt, needed)):
                 fail(f"--resume_from_checkpoint {ckpt}: {needed} is missing (not a checkpoint of train.py?)")
+        for name in ("trainer_state.json", "train_args.json", "rng_state_rank0.json"):
+            if os.path.exists(os.path.join(ckpt, name)):
+                read_json(os.path.join(ckpt, name))  # a torn or hand-edited file is named now, not at the resume
         check_resume_flags(ckpt, args)
     elif not args.overwrite_output_dir and os.path.isdir(args.output_dir):
         old = [d for d in os.listdir(args.output_dir) if CHECKPOINT_NAME.match(d)]
@@ -846,6 +870,90 @@ def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:
              f"{step}: nothing to do")
 
 
+def run_fingerprints(args: argparse.Namespace) -> dict:
+    """What the run reads, fingerprinted: the training and test files and the tokenizer's vocabulary by their
+    contents (sha256), the base model by `base_model_fingerprint`. Recorded in train_args.json, so that a resume can
+    tell that it would continue on other data or another base, where neither the saved position in the data nor
+    the adapter would mean what it meant."""
+    return {"train_path": file_sha256(args.train_path),
+            "test_path": file_sha256(args.test_path) if args.test_path else None,
+            "model_name_or_path": base_model_fingerprint(args.model_name_or_path),
+            "tokenizer": file_sha256(os.path.join(args.model_name_or_path, "qwen.tiktoken"))}
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+SAMPLE_BYTES = 4096  # read from the start of every tensor (or at evenly spaced places in a .bin)
+
+
+def base_model_fingerprint(model_dir: str) -> str:
+    """A fingerprint of the base weights that reads a few megabytes, not the gigabytes a content hash would.
+
+    It covers config.json, each weight file's size and safetensors header (every tensor's name, dtype, shape and
+    offsets) and the first 4 KiB of every tensor's data (1,024 evenly spaced 4 KiB blocks of a .bin file). That is
+    enough because what a resume must not meet is another model: another checkpoint of the same shape (Qwen-1.8B
+    against Qwen-1.8B-Chat, a merged fine-tune against its base) differs in nearly every element of every tensor it
+    changed, so in the bytes read; a model of another shape differs in its header. Only a deliberate edit of bytes
+    outside the samples would go unseen.
+    """
+    digest = hashlib.sha256()
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        digest.update(f.read())
+    shards = weight_shards(model_dir)
+    for shard in shards:
+        header = safetensors_header(shard)
+        size = os.path.getsize(shard)
+        digest.update(f"{os.path.basename(shard)}\0{size}\0".encode())
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        start = size - max((e["data_offsets"][1] for e in header.values()), default=0)  # where the data begins
+        with open(shard, "rb") as f:
+            for name in sorted(header):
+                begin, end = header[name]["data_offsets"]
+                f.seek(start + begin)
+                digest.update(f.read(min(SAMPLE_BYTES, end - begin)))
+    if not shards:  # pickled .bin weights: no header to read, so blocks spread over each file
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".bin") and name.startswith("pytorch_model"):
+                path = os.path.join(model_dir, name)
+                size = os.path.getsize(path)
+                digest.update(f"{name}\0{size}\0".encode())
+                with open(path, "rb") as f:
+                    for k in range(1024):
+                        f.seek(size * k // 1024)
+                        digest.update(f.read(SAMPLE_BYTES))
+    return "sampled-sha256:" + digest.hexdigest()
+
+
+# How each fingerprint is named when a resume finds it changed
+FINGERPRINT_NAMES = {"train_path": "the training file --train_path", "test_path": "the test file --test_path",
+                     "model_name_or_path": "the base model's weights or config.json (--model_name_or_path)",
+                     "tokenizer": "the tokenizer's vocabulary (qwen.tiktoken in --model_name_or_path)"}
+
+
+def check_resume_fingerprints(checkpoint: str, fingerprints: dict, rank: int = 0) -> None:
+    """Refuse a resume whose data, base model or tokenizer differ from those the checkpoint was trained on, naming
+    what changed. A checkpoint from before fingerprints were recorded resumes unchecked, with a note."""
+    path = os.path.join(checkpoint, "train_args.json")
+    saved = read_json(path).get("fingerprints") if os.path.isfile(path) else None
+    if not isinstance(saved, dict):
+        print_rank_0(f"note: {checkpoint} records no fingerprints of its data and base model (it was taken before "
+                     f"train.py recorded them): resuming without checking that they are the same", rank)
+        return
+    changed = [FINGERPRINT_NAMES.get(key, key) for key, value in fingerprints.items()
+               if key in saved and saved[key] != value]
+    if changed:
+        fail(f"--resume_from_checkpoint {checkpoint} was trained on other inputs: {'; '.join(changed)} "
+             f"{'has' if len(changed) == 1 else 'have'} changed since. A resume continues the run exactly, which "
+             f"needs the same data, base model and tokenizer; restore them, or start a new run "
+             f"(--overwrite_output_dir or another --output_dir)")
+
+
 def load_ds_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -854,6 +962,10 @@ def load_ds_json(path: str) -> dict:
         fail(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
     except UnicodeDecodeError:
         fail(f"{path}: not UTF-8 text")
+    except RecursionError:
+        fail(f"{path}: not valid JSON (nested too deeply)")
+    except OSError as e:
+        fail(f"--ds_file {path}: cannot read it ({e.strerror})")
     if not isinstance(cfg, dict):
         fail(f"{path}: expected a JSON object")
     return cfg
@@ -1000,8 +1112,17 @@ def write_plots(history: dict, output_dir: str) -> None:
 
 
 def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON object in `path` (a checkpoint's state and settings); a file that is not one stops the run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        fail(f"{path}: cannot read it ({e.strerror})")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        fail(f"{path}: not valid JSON ({one_line(e)}); the checkpoint is damaged, resume from another one")
+    if not isinstance(value, dict):
+        fail(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def to_json(obj) -> str:

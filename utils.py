@@ -88,7 +88,7 @@ def _object_at(text: str, start: int) -> tuple[Any, int]:
     try:
         value, end = _JSON_DECODER.raw_decode(text, start)
         return value, end
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: brackets nested ~1000 deep, a degenerate answer
         pass
     end = _balanced_end(text, start)
     if end is None:
@@ -141,6 +141,8 @@ def _as_text(value: Any) -> str:
             return json.dumps(value, ensure_ascii=False)
         except (TypeError, ValueError):  # a Python literal JSON cannot hold (tuple keys, sets)
             return str(value)
+        except RecursionError:  # nested nearly as deep as the parser allows: no text a reader could use
+            return ""
     return str(value)
 
 
@@ -313,6 +315,10 @@ def min_answer_room(max_len: int, max_src_len: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Said of input that json cannot read because it nests deeper than the interpreter's recursion limit allows
+TOO_DEEP = "nested too deeply to read (brackets about 1,000 levels deep)"
+
+
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, record) for each non-blank line; a bad line raises naming file and line. A
     byte-order mark at the start (as some Windows editors write) is skipped."""
@@ -330,6 +336,8 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column "
                                  f"{e.colno}){_array_hint(lineno, line)}") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: {TOO_DEEP}") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
                                  f"{_array_hint(lineno, line)}")
@@ -344,15 +352,63 @@ def _array_hint(lineno: int, line: str) -> str:
             "data_helper.py writes the splits)")
 
 
+def check_output_path(path: str, flag: str, directory: bool = False, replaced: bool = False) -> None:
+    """Raise ValueError, naming `flag` and `path`, when a script could not write `path`: as a file (written whole
+    beside itself and renamed, or appended to), or with `directory` as a folder it creates or writes into, or with
+    `replaced` too, one it builds beside it and renames into place. It fails when `path` is the other kind of thing,
+    when a part of it is a regular file, or when the folder it goes into is not writable. Creates nothing, so that a
+    script can check all its outputs before it writes any."""
+    if not path:
+        raise ValueError(f"{flag}: the path is empty")
+    target = os.path.abspath(path)
+    if os.path.isdir(target) and not directory:
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if os.path.exists(target) and not os.path.isdir(target):
+        if directory:
+            raise ValueError(f"{flag} {path}: is a file; give a directory")
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{flag} {path}: no permission to write the file")
+    if directory and not replaced and os.path.isdir(target):
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path}: no permission to write in it")
+        return
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):  # the folders a write would create, up to the first that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: no permission to write in {parent}")
+
+
+def current_umask() -> int:
+    """The process's umask."""
+    umask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(umask)
+    return umask
+
+
+def apply_usual_permissions(root: str) -> None:
+    """Give `root` and everything under it the permissions the user's umask gives new files and folders.
+    mkdtemp creates 0700 and safetensors writes 0600, which would leave a model written through a temporary
+    directory readable by its owner alone, unlike every other file a script writes."""
+    umask = current_umask()
+    os.chmod(root, 0o777 & ~umask)
+    for directory, folders, files in os.walk(root):
+        for name in folders:
+            os.chmod(os.path.join(directory, name), 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a whole file or nothing: a temporary file in the same directory, then an atomic rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -395,7 +451,8 @@ def load_done(path: str) -> dict[int, str | None]:
         try:
             record = json.loads(line.decode("utf-8"))
             done[int(record["id"])] = record.get("input_digest")
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+                RecursionError):
             if lineno == len(lines) and not line.endswith(b"\n"):
                 atomic_write_text(path, b"".join(lines[:-1]).decode("utf-8"))
                 break
@@ -567,6 +624,13 @@ def silence_library_deprecations() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     for name, log_filter in _LOG_NOTICE_FILTERS:
         logging.getLogger(name).addFilter(log_filter)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line of at most `limit` characters, for an error that names a file (a library's
+    own message, such as torch's list of mismatched sizes, can run to pages)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def set_random_seed(seed: int) -> None:

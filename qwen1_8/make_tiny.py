@@ -14,6 +14,8 @@ import tempfile
 import torch
 from transformers import GenerationConfig
 
+from utils import apply_usual_permissions, check_output_path
+
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
 from .tokenization_qwen import QWenTokenizer, packaged_vocab_file
@@ -40,10 +42,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4,
               intermediate_size: int = 256, vocab_size: int = 151936, dtype: str = "float32", seed: int = 0,
               initializer_range: float = 0.02) -> str:
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"{output_dir} exists and is not empty")
+    """Write the checkpoint to `output_dir` (created; it must not exist or be empty) and return its path. A bad
+    argument raises ValueError naming its flag before anything is written."""
+    for flag, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                        ("num_attention_heads", num_attention_heads), ("intermediate_size", intermediate_size),
+                        ("vocab_size", vocab_size)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
     if hidden_size % num_attention_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+        raise ValueError(f"--hidden_size {hidden_size} is not a multiple of --num_attention_heads "
+                         f"{num_attention_heads}")
+    if intermediate_size % 2:
+        raise ValueError(f"--intermediate_size {intermediate_size} must be even (the MLP is half of it wide)")
+    if not initializer_range > 0:
+        raise ValueError(f"--initializer_range must be positive, got {initializer_range}")
+    check_output_path(output_dir, "--output_dir", directory=True, replaced=True)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir}: exists and is not empty")
     config = QWenConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                         num_attention_heads=num_attention_heads, kv_channels=hidden_size // num_attention_heads,
                         intermediate_size=intermediate_size, vocab_size=vocab_size,
@@ -63,6 +78,7 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(packaged_vocab_file(), os.path.join(tmp, "qwen.tiktoken"))
+        apply_usual_permissions(tmp)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.replace(tmp, output_dir)
@@ -74,8 +90,13 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    path = make_tiny(args.output_dir, args.hidden_size, args.num_hidden_layers, args.num_attention_heads,
-                     args.intermediate_size, args.vocab_size, args.dtype, args.seed, args.initializer_range)
+    try:
+        path = make_tiny(args.output_dir, args.hidden_size, args.num_hidden_layers, args.num_attention_heads,
+                         args.intermediate_size, args.vocab_size, args.dtype, args.seed, args.initializer_range)
+    except ValueError as e:
+        raise SystemExit(f"make_tiny: error: {e}") from None
+    except OSError as e:  # checked up front, so rare: a full disk, or a folder made read-only since
+        raise SystemExit(f"make_tiny: error: --output_dir {args.output_dir}: cannot write it ({e.strerror})") from None
     print(f"wrote a random-weight Qwen checkpoint to {path}: {sorted(os.listdir(path))}")
 
 

@@ -172,7 +172,7 @@ def test_a_failed_write_leaves_both_old_files(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(data_helper.os, "replace", replace)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match=r"cannot write --train_path .*\(No space left on device\); neither was "):
         run(tmp_path, records(12), "--test_size", "4", "--seed", "2")
     assert [(tmp_path / n).read_bytes() for n in ("train.json", "test.json")] == before
     assert sorted(os.listdir(tmp_path)) == ["all.json", "test.json", "train.json"]
@@ -225,6 +225,17 @@ BAD_INPUTS = {
     "a split given as all.json": (None, '{"instruction": "x", "input": "y", "output": "z"}\n{"instruction": "x"}\n',
                                   ["Extra data at line 2", "looks like JSON Lines", "takes the JSON array"]),
     "blank list item": (_extract_with(3, "医疗操作", ["雾化", " "]), None, ["record 3", "'医疗操作'", "empty item"]),
+    # degenerate input: nesting past json's recursion limit, and \ud800 escapes (half a surrogate pair, which no
+    # UTF-8 file can hold) that used to crash the write after every check had passed
+    "extract string nested 1000 deep": (_with(2, extract_text='{"药品名称": ' + "[" * 1000 + "]" * 1000 + "}"), None,
+                                        ["record 2", "extract_text is a string nested too deeply"]),
+    "list field nested 990 deep": (None, json.dumps(_extract_with(2, "药品名称", "DEEP")).replace(
+        '"DEEP"', "[" * 990 + "]" * 990), ["data_helper: error:"]),
+    "all.json nested 5000 deep": (None, "[" * 5000 + "]" * 5000, ["nested too deeply"]),
+    "lone surrogate in a dialogue": (None, json.dumps(_with(4, dialogue_text="咳嗽\ud800")),
+                                     ["record 4", "'dialogue_text' holds a lone surrogate (\\ud800 at character 2)"]),
+    "lone surrogate in a list item": (None, json.dumps(_extract_with(1, "药品名称", ["布洛芬", "\udfff"])),
+                                      ["record 1", "extract_text['药品名称'] holds a lone surrogate"]),
 }
 
 

@@ -42,12 +42,20 @@ def assert_perfect(report: dict, n: int, grounded: float | None = 1.0):
 
 def test_report_schema():
     report = ev.evaluate([gold(DIALOGUE_A, GOLD_A)], [pred(GOLD_A)])
-    assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "fields", "overall",
+    assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields", "overall",
                            "list_fields_micro"}
     assert list(report["fields"]) == list(EXTRACT_KEYS)
     for scores in list(report["fields"].values()) + [report["overall"], report["list_fields_micro"]]:
         assert set(scores) == {"precision", "recall", "f1"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_truncated_answers_are_counted():
+    golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
+    report = ev.evaluate(golds, [pred(GOLD_A, truncated=True), pred(GOLD_B, truncated=False)])
+    assert report["truncated"] == 1
+    assert ev.evaluate(golds, [pred(GOLD_A), pred(GOLD_B)])["truncated"] == 0  # files without the field
+    assert "cut at the token budget 1" in ev.format_table(report)
 
 
 def test_perfect():
@@ -339,3 +347,17 @@ def test_reference_test_set_against_itself(reference_dir):
     ids, golds = ev.load_gold(os.path.join(reference_dir, "book_test.json"))
     preds = [{"id": i, "output": g["output"]} for i, g in zip(ids, golds)]
     assert_perfect(ev.evaluate(golds, preds, gold_ids=ids), 50)
+
+
+def test_a_degenerate_answer_is_scored_invalid_not_a_crash(tmp_path, capsys):
+    """One answer nested 1,000 brackets deep (a model stuck repeating "[") and one with a lone surrogate: the file is
+    scored, the first counting as invalid JSON."""
+    gold_file, pred_file = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_jsonl(gold_file, [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)])
+    with open(pred_file, "w", encoding="utf-8") as f:  # ASCII escapes: the surrogate as \\ud800, as a file holds it
+        f.write(json.dumps({"id": 0, "output": '{"药品名称": ' + "[" * 1000 + "]" * 1000 + "}"}) + "\n")
+        f.write(json.dumps({"id": 1, "output": '{"药品名称": ["\ud800头孢"], "现病史": "咳嗽一周"}'}) + "\n")
+    assert ev.main(["--gold", str(gold_file), "--pred", str(pred_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 2 and report["json_valid_rate"] == 0.5
+    assert report["fields"]["现病史"]["recall"] > 0

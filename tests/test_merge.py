@@ -270,3 +270,37 @@ def test_a_wrong_merge_fails_even_where_the_bf16_logit_probe_would_pass(tiny_ckp
                                          r"by up to [\d.]+x what rounding to bfloat16 allows; nothing written"):
         merge_params.main(argv + ["--save_model_dir", str(tmp_path / "wrong")])
     assert not os.path.exists(tmp_path / "wrong")
+
+
+def modes(root: str) -> dict:
+    """{path under root: permission bits} of root and everything in it."""
+    found = {".": os.stat(root).st_mode & 0o777}
+    for directory, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(directory, name)
+            found[os.path.relpath(path, root)] = os.stat(path).st_mode & 0o777
+    return found
+
+
+def test_a_merged_model_gets_the_permissions_of_the_users_other_files(tiny_ckpt, adapter_dir, tmp_path):
+    """Not the 0700 folder of mkdtemp nor the 0600 files safetensors writes: what the umask gives (here 027)."""
+    old = os.umask(0o027)
+    try:
+        merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", adapter_dir, "--save_model_dir",
+                           str(tmp_path / "merged"), "--device", "cpu"])
+    finally:
+        os.umask(old)
+    found = modes(str(tmp_path / "merged"))
+    assert "model.safetensors" in found and found["."] == 0o750
+    assert {mode for name, mode in found.items() if name != "."} == {0o640}
+
+
+def test_a_run_whose_best_checkpoint_was_deleted_is_named(tiny_ckpt, adapter_dir, tmp_path):
+    run = tmp_path / "output_dir_qlora"
+    (run / "epoch-1-step-2").mkdir(parents=True)
+    (run / "best_checkpoint.json").write_text(json.dumps({"path": "output_dir_qlora/epoch-2-step-8", "step": 8}))
+    with pytest.raises(SystemExit, match=r"--model_dir .*output_dir_qlora: its best checkpoint epoch-2-step-8 "
+                                         r"\(named by best_checkpoint.json\) no longer exists.*pass one of its "
+                                         r"checkpoints as --model_dir \(epoch-1-step-2\)"):
+        merge_params.main(["--ori_model_dir", tiny_ckpt, "--model_dir", str(run)])
+    assert sorted(os.listdir(run)) == ["best_checkpoint.json", "epoch-1-step-2"]

@@ -446,3 +446,82 @@ def test_constraint_sends_the_grammar_and_counts_answers_that_break_it(server, a
                           "--retry_base_delay", "0.001"]) == 0
     assert "structured_outputs" not in server.bodies[0]
     assert "follows_grammar" not in read_output(tmp_path / "free.jsonl")[0]
+
+
+class EchoingServer:
+    """A server, or proxy, that quotes the request's Authorization header back: in a 401's error message (ECHO401),
+    in every 503's (ECHO503, retried until the client gives up) and in an answer (ECHOANSWER). SURROGATE gets an
+    answer holding a JSON \\ud800 escape, half of a surrogate pair."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                auth = self.headers.get("Authorization", "")
+                dialogue_text = body["messages"][-1]["content"]
+                if "ECHO401" in dialogue_text:
+                    return self.reply(401, json.dumps({"error": {"message": f"bad header Authorization: {auth}; "
+                                                                            f"key {auth.split()[-1]} revoked"}}))
+                if "ECHO503" in dialogue_text:
+                    return self.reply(503, json.dumps({"error": {"message": f"upstream refused {auth!r}"}}))
+                if "ECHOANSWER" in dialogue_text:
+                    content = f"```json\n{{\"药品名称\": [\"{auth}\"]}}\n```"
+                    return self.reply(200, completion(body["model"], content).decode())
+                # SURROGATE: the escape goes into the JSON text as is (json.dumps would double its backslash)
+                answer = completion(body["model"], "ANSWER").decode()
+                return self.reply(200, answer.replace("ANSWER", r'{\"药品名称\": [\"\ud800布洛芬\"]}'))
+
+            def reply(self, status, text):
+                payload = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def test_the_key_is_scrubbed_from_everything_printed_or_written(api_key, tmp_path, capfd, monkeypatch):
+    """A server that echoes the Authorization header (in an error, a retried error or an answer) never gets the key
+    onto the terminal or into the results file; an answer with a lone surrogate is written, not a crash."""
+    echo = EchoingServer()
+    try:
+        write_input(tmp_path / "in.jsonl", ["ECHO401", "ECHO503", "ECHOANSWER", "SURROGATE"])
+        assert run(echo, tmp_path, "--max_retries", "1") == 1  # two failures
+        captured = capfd.readouterr()
+        assert "bad header Authorization: Bearer [redacted]; key [API key] revoked" in captured.err  # id 0
+        assert "gave up after 2 attempts; last error: HTTP 503: Error code: 503 - upstream refused 'Bearer " \
+               "[redacted]'" in captured.err  # id 1
+        out = read_output(tmp_path / "out.jsonl")
+        assert sorted(out) == [2, 3]
+        assert json.loads(out[2]["output"].strip("`\njson")) == {"药品名称": ["Bearer [redacted]"]}
+        assert out[3]["output"] == '{"药品名称": ["\ufffd布洛芬"]}'
+        assert_no_leak(tmp_path, captured)
+
+        lines = iter(["患者: ECHO401", "", "患者: ECHOANSWER", "", "quit"])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        assert baseline.main(["--base_url", echo.base_url, "--max_retries", "0"]) == 0
+        captured = capfd.readouterr()
+        assert "request failed: HTTP 401" in captured.err and "Bearer [redacted]" in captured.out
+        assert SECRET not in captured.out + captured.err
+    finally:
+        echo.close()
+
+
+def test_scrub_leaves_placeholder_keys_and_other_text_alone():
+    assert baseline.scrub("Authorization: bearer abc.def-123, then text", "none") == \
+        "Authorization: Bearer [redacted], then text"
+    assert baseline.scrub("none of the above", "none") == "none of the above"  # a placeholder is no secret
+    assert baseline.scrub(f"x{SECRET}y", SECRET) == "x[API key]y"

@@ -170,3 +170,50 @@ def test_reference_test_set_outputs_all_parse(reference_dir):
         assert fields == json.loads(body[len("```json\n"):-len("\n```")])
         count += 1
     assert count == 50
+
+
+DEEP = 1000  # brackets: about 500 tokens, within predict.py's default --max_tgt_len
+
+
+@pytest.mark.parametrize("text", [
+    "[" * DEEP + "]" * DEEP,
+    "{" * DEEP + "}" * DEEP,
+    '{"a": ' * DEEP + "1" + "}" * DEEP,
+    "{'a': " * DEEP + "1" + "}" * DEEP,  # the Python-literal fallback
+    '{"药品名称": ' + "[" * DEEP + "]" * DEEP + "}",
+    '{"x": ' + '{"y": ' * DEEP + "1" + "}" * DEEP + ', "现病史": "a"}',
+    '```json\n{"药品名称": ["' + "{[" * DEEP + '"]}\n```',  # inside a string: nothing nests
+])
+def test_degenerate_nesting_is_an_answer_or_invalid_never_an_error(text):
+    fields, valid = parse_output(text)
+    assert set(fields) == set(EXTRACT_KEYS) and isinstance(valid, bool)
+
+
+def test_nesting_near_the_limit_never_raises_whatever_the_stack_depth():
+    """How deep json can nest depends on how deep in a program the parser is called: from every depth here the
+    answer is parsed whole, or with the nested field empty (read, but too deep to write back as text), or invalid."""
+    text = '{"药品名称": ' + "[" * 700 + "]" * 700 + ', "现病史": "发热"}'
+
+    def nested(depth: int):
+        return nested(depth - 1) if depth else parse_output(text)
+
+    outcomes = set()
+    for depth in range(0, 400, 3):
+        fields, valid = nested(depth)
+        outcomes.add((valid, fields["现病史"]))
+        assert fields["药品名称"] in ([], ["[" * 699 + "]" * 699], [""])
+    assert (True, "发热") in outcomes and (False, "") in outcomes
+
+
+@pytest.mark.parametrize("text", ['{"药品名称": ["\ud800布洛芬"], "现病史": "\udc00"}', "{'药品名称': ['\ud800'],}",
+                                  '{"药品名称": ["\\ud800"]}'])
+def test_a_lone_surrogate_is_an_answer_or_invalid_never_an_error(text):
+    fields, valid = parse_output(text)
+    assert set(fields) == set(EXTRACT_KEYS)
+    if valid:
+        assert fields["药品名称"][0].startswith("\ud800")
+
+
+def test_a_repeated_list_item_is_kept_once_in_order():
+    fields, valid = parse_output('```json\n{"药品名称": ["布洛芬", "头孢", "布洛芬"], "现病史": "咳嗽"}\n```')
+    assert valid and fields["药品名称"] == ["布洛芬", "头孢"]

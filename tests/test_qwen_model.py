@@ -429,3 +429,17 @@ def test_skip_logits_gives_the_same_loss_and_gradients():
     assert lean.logits is None and torch.allclose(full.loss, lean.loss, atol=1e-6)
     for name in g_full:
         assert torch.allclose(g_full[name], g_lean[name], atol=1e-6), name
+
+
+def test_make_tiny_gives_its_files_the_users_usual_permissions(tmp_path):
+    """What the umask gives (here 027), not the 0700 folder of mkdtemp nor the 0600 weights safetensors writes."""
+    from qwen1_8.make_tiny import make_tiny
+
+    old = os.umask(0o027)
+    try:
+        out = make_tiny(str(tmp_path / "tiny"), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, vocab_size=256)
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o750
+    assert {os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)} == {0o640}

@@ -195,6 +195,72 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     assert all(ppl_a[step] == ppl for step, ppl in state_b["history"]["eval"])  # evaluated every 2 steps here
 
 
+def linked_copy(source: str, target, **replace: bytes) -> str:
+    """A copy of a model directory made of links to its files, except the files given ({name: bytes})."""
+    os.makedirs(target)
+    for name in os.listdir(source):
+        if name not in replace:
+            os.symlink(os.path.join(source, name), os.path.join(target, name))
+    for name, data in replace.items():
+        with open(os.path.join(target, name), "wb") as f:
+            f.write(data)
+    return str(target)
+
+
+def test_a_resume_on_other_data_another_base_or_tokenizer_is_refused(single_run, tiny_ckpt, data_dir, tmp_path,
+                                                                     capsys):
+    """The checkpoint records fingerprints of its data, base and vocabulary; a resume on the same records in another
+    order, another test file, another base of the same shape or another vocabulary stops before anything is made,
+    naming what changed. The base found elsewhere (moved, copied) is the same base; a checkpoint from before the
+    fingerprints resumes with a note."""
+    from qwen1_8.make_tiny import make_tiny
+
+    checkpoint = os.path.join(single_run[0], "epoch-1-step-1")
+    out = tmp_path / "out"
+    recorded = read_json(os.path.join(checkpoint, "train_args.json"))["fingerprints"]
+    assert recorded == train.run_fingerprints(train.parse_args(flags(tiny_ckpt, data_dir, str(out))))
+    assert recorded["train_path"].startswith("sha256:") and recorded["model_name_or_path"].startswith("sampled-")
+    moved = linked_copy(tiny_ckpt, tmp_path / "moved")
+    assert train.base_model_fingerprint(moved) == recorded["model_name_or_path"]
+
+    with open(os.path.join(data_dir, "train.json"), encoding="utf-8") as f:
+        lines = f.readlines()
+    (tmp_path / "reordered.json").write_text("".join(lines[6:] + lines[:6]), encoding="utf-8")  # same 12 records
+    (tmp_path / "test.json").write_text("".join(lines[2:4]), encoding="utf-8")  # data_dir's is lines[:2]
+    other_base = make_tiny(str(tmp_path / "other_base"), seed=1)  # the same shape, other weights
+    with open(os.path.join(tiny_ckpt, "qwen.tiktoken"), "rb") as f:
+        vocab = f.read().split(b"\n")
+    other_vocab = linked_copy(tiny_ckpt, tmp_path / "other_vocab",
+                              **{"qwen.tiktoken": b"\n".join([vocab[1], vocab[0], *vocab[2:]])})
+    for overrides, named in (({"train_path": tmp_path / "reordered.json"}, "the training file --train_path"),
+                             ({"test_path": tmp_path / "test.json"}, "the test file --test_path"),
+                             ({"model_name_or_path": other_base}, "the base model's weights or config.json"),
+                             ({"model_name_or_path": other_vocab}, "the tokenizer's vocabulary")):
+        with pytest.raises(SystemExit, match=f"was trained on other inputs: {re.escape(named)}.* has changed since"):
+            train.main(flags(tiny_ckpt, data_dir, str(out), resume_from_checkpoint=checkpoint, **overrides))
+    assert not out.exists()
+
+    old = tmp_path / "old" / "epoch-1-step-1"
+    shutil.copytree(checkpoint, old)
+    info = read_json(old / "train_args.json")
+    del info["fingerprints"]
+    (old / "train_args.json").write_text(json.dumps(info), encoding="utf-8")
+    train.check_resume_fingerprints(str(old), {**recorded, "train_path": "sha256:other"})
+    assert "records no fingerprints of its data and base model" in capsys.readouterr().out
+
+
+def test_checkpoints_get_the_users_usual_permissions(single_run):
+    """Not the 0600 adapter safetensors writes: every file and folder of a checkpoint as the umask gives them."""
+    from utils import current_umask
+
+    umask = current_umask()
+    checkpoint = os.path.join(single_run[0], "epoch-1-step-1")
+    for directory, folders, files in os.walk(checkpoint):
+        assert os.stat(directory).st_mode & 0o777 == 0o777 & ~umask, directory
+        for name in files:
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     out = str(tmp_path / "out")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
