@@ -69,7 +69,9 @@ class Request:
 class Result:
     tokens: list[int]  # the new tokens, the stop token included
     text: str  # decoded, special tokens left out
-    finish_reason: str  # "stop" (ended by itself, or closed at the budget), "length" (budget reached) or "cancelled"
+    # "stop" (ended by itself, or closed at the budget), "length" (budget reached), "cancelled", or "error" (the request
+    # could not be admitted; `text` says why)
+    finish_reason: str
     truncated: bool  # the budget ended the answer (under the answer grammar: closed, still valid)
     prompt_tokens: int
 
@@ -201,7 +203,8 @@ class Engine:
     def run(self, pull: Callable[[bool], tuple[Any, Request] | None], capacity: int) -> Iterator[tuple[Any, Result]]:
         """The loop: admit `(key, request)` pairs from `pull` while rows are free (`pull(True)` may wait for one when
         nothing is running; None means nothing more for now, and with no row running, the end), step, yield
-        `(key, result)` as answers end. Every request needs at most `capacity` slots (prompt + new tokens)."""
+        `(key, result)` as answers end. The cache is sized for `capacity` slots (prompt + new tokens) per row; a
+        request that needs more, or that fails to admit, gets a result with finish_reason "error" at once."""
         if capacity > self.seq_length:
             raise ValueError(f"prompt + new tokens ({capacity}) exceed the model's {self.seq_length}-token context")
         self._ensure_cache(capacity)
@@ -213,10 +216,13 @@ class Engine:
                     if item is None:
                         break
                     key, request = item
-                    if request.slots() > self.cache.capacity:
-                        raise ValueError(f"request {key!r}: prompt + new tokens exceed the cache capacity "
-                                         f"{self.cache.capacity}")
-                    rows.append(self._admit(key, request, len(rows)))
+                    try:
+                        if request.slots() > self.cache.capacity:
+                            raise ValueError(f"prompt + new tokens ({request.slots()}) exceed the cache capacity "
+                                             f"{self.cache.capacity}")
+                        rows.append(self._admit(key, request, len(rows)))
+                    except (ValueError, RuntimeError) as e:  # this request only (a grammar that did not compile)
+                        yield key, Result([], str(e), "error", False, len(request.prompt))
                 if not rows:
                     return
                 for index, result in self._step(rows):

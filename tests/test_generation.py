@@ -187,3 +187,16 @@ def test_streamed_text_joins_into_the_answer_and_cancel_stops(model, tokenizer, 
 def test_a_request_too_long_for_the_context_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="exceed the model's 8192-token context"):
         list(Engine(model, tokenizer, 1).stream([Request([1] * 8190, Decoding(max_new_tokens=10))]))
+
+
+def test_a_request_that_cannot_be_admitted_fails_alone(model, tokenizer, vocabulary):
+    """Over the cache's capacity, or a grammar that does not compile: that request gets an "error" result, and the
+    others are answered as usual (a server's loop must not die of one bad request)."""
+    engine = Engine(model, tokenizer, 2, vocabulary)
+    queue = [(0, Request([1] * 40, Decoding(max_new_tokens=3))), (1, Request([1] * 100, Decoding(max_new_tokens=3))),
+             (2, Request([1] * 30, Decoding(max_new_tokens=3), grammar=lambda: grammar.check_ebnf(vocabulary, "x"))),
+             (3, Request([2] * 30, Decoding(max_new_tokens=3)))]
+    results = dict(engine.run(lambda block: queue.pop(0) if queue else None, capacity=64))
+    assert results[1].finish_reason == "error" and "exceed the cache capacity 64" in results[1].text
+    assert results[2].finish_reason == "error" and "not a valid EBNF grammar" in results[2].text
+    assert len(results[0].tokens) == len(results[3].tokens) == 3
