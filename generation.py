@@ -155,7 +155,13 @@ def core_model(model):
 class Engine:
     """Generates answers for requests, `max_batch_size` at a time, refilling a row as soon as its answer ends."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, vocabulary=None):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, vocabulary=None, cuda_graphs: bool | None = None,
+                 static_width: bool | None = None, dense_penalty: bool | None = None):
+        """`cuda_graphs` (default: on a CUDA device) replays each decoding step as one CUDA graph per (batch bucket,
+        width bucket); `static_width` (implied by it) makes every step attend over a bucketed width of the cache
+        instead of exactly the slots in use, the shapes a graph needs, which on the CPU tests that path;
+        `dense_penalty` (default: on a CUDA device) keeps the repetition penalty's seen tokens as a (rows, vocab)
+        mask, a few kernels a step whatever the batch, instead of a gather per row."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = core_model(model)
@@ -176,6 +182,17 @@ class Engine:
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._closing_window: int | None = None
         self._bitmask = None
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self.static_width = self.cuda_graphs if static_width is None else (static_width or self.cuda_graphs)
+        # on a GPU the repetition penalty is one masked operation over a (rows, vocab) mask of the tokens seen, which
+        # costs a few kernels a step; on the CPU, gathering each row's seen tokens is cheaper than touching the vocab
+        self.dense_penalty = on_cuda if dense_penalty is None else dense_penalty
+        self._seen: torch.Tensor | None = None
+        self._graphs: dict[tuple[int, int], "_GraphStep"] = {}
+        self._graph_pool = None
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -238,8 +255,16 @@ class Engine:
             return
         capacity = max(capacity, 64)
         capacity = math.ceil(capacity / 64) * 64
+        self._graphs.clear()  # they hold the old cache's buffers
         self.cache = RowCache(self.layers, self.max_batch_size, self.heads, capacity, self.head_dim, self.dtype,
                               self.device)
+        # cos and sin of every slot, computed once as the model computes them (so indexing them is exact), which
+        # keeps trigonometry and host work out of the decoding step
+        with torch.inference_mode():
+            slots = torch.arange(capacity, device=self.device)[None, :]
+            self._rotary = tuple(t[0] for t in self.model.transformer.rotary_emb(slots, [1.0]))  # (capacity, 1, dim)
+        if self.dense_penalty:
+            self._seen = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
 
     @torch.inference_mode()
     def _admit(self, key, request: Request, row: int) -> _Row:
@@ -268,8 +293,11 @@ class Engine:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(decoding.seed)
         matcher = request.grammar() if request.grammar is not None else None
-        return _Row(key, request, len(body), prompt[-1], torch.tensor(sorted(set(prompt)), device=self.device),
-                    matcher, generator)
+        seen = torch.tensor(sorted(set(prompt)), device=self.device)
+        if self._seen is not None:
+            self._seen[row].zero_()
+            self._seen[row, seen] = True
+        return _Row(key, request, len(body), prompt[-1], seen, matcher, generator)
 
     # ---- one decoding step ----------------------------------------------------------------------------------
 
@@ -279,7 +307,12 @@ class Engine:
         tokens = torch.tensor([r.next_token for r in rows], device=self.device)
         positions = torch.tensor([r.position for r in rows], device=self.device)
         width = max(r.position for r in rows) + 1
-        logits = self._forward(tokens, positions, width)  # (A, V) fp32
+        if self.static_width:
+            width = min(max(256, 1 << (width - 1).bit_length()), self.cache.capacity)
+        if self.cuda_graphs:
+            logits = self._graph_forward(tokens, positions, width)
+        else:
+            logits = self._forward(tokens, positions, width)  # (A, V) fp32
         for r in rows:
             r.position += 1
 
@@ -288,6 +321,8 @@ class Engine:
             if len(r.tokens) < r.request.decoding.min_new_tokens:
                 logits[i, list(self.stops)] = -math.inf
         chosen = self._choose(logits, rows)
+        if self._seen is not None:
+            self._seen[torch.arange(len(rows), device=self.device), torch.tensor(chosen, device=self.device)] = True
 
         ended = []
         for i, (r, token) in enumerate(zip(rows, chosen)):
@@ -301,7 +336,7 @@ class Engine:
         key and value at its position and a mask that lets each row see its slots only."""
         body = self.model.transformer
         x = body.wte(tokens[:, None])  # (A, 1, hidden)
-        rotary = body.rotary_emb(positions[:, None], [1.0])
+        rotary = (self._rotary[0][positions][:, None], self._rotary[1][positions][:, None])  # (A, 1, 1, dim)
         slots = torch.arange(width, device=self.device)
         mask = (slots[None, :] <= positions[:, None])[:, None, None, :]  # (A, 1, 1, width)
         view = _StepView(self.cache, positions, width)
@@ -310,8 +345,25 @@ class Engine:
         x = body.ln_f(x)
         return self.model.lm_head(x[:, -1]).float()
 
+    def _graph_forward(self, tokens: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+        """`_forward` replayed from a CUDA graph captured for the smallest batch bucket that holds the rows and for
+        this width; the bucket's spare rows are cache rows no answer uses now, re-filled when one is admitted."""
+        count = len(tokens)
+        bucket = min(self.max_batch_size, 1 << (count - 1).bit_length())
+        graph = self._graphs.get((bucket, width))
+        if graph is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = self._graphs[(bucket, width)] = _GraphStep(self, bucket, width, self._graph_pool)
+        return graph(tokens, positions)
+
     def _penalise(self, logits: torch.Tensor, rows: list[_Row]) -> None:
         """transformers' repetition penalty: a seen token's logit is divided by the penalty (multiplied if negative)."""
+        if self._seen is not None:
+            penalty = torch.tensor([[r.request.decoding.repetition_penalty] for r in rows], device=self.device)
+            seen = self._seen[:len(rows)]
+            logits.copy_(torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits))
+            return
         for i, r in enumerate(rows):
             penalty = r.request.decoding.repetition_penalty
             if penalty == 1.0:
@@ -339,7 +391,8 @@ class Engine:
             decoding = r.request.decoding
             if decoding.do_sample:
                 chosen[i] = sample(logits[i], decoding.temperature, decoding.top_p, r.generator)
-            if r.matcher is not None and logits[i, chosen[i]] == -math.inf:
+            if (r.matcher is not None and len(r.tokens) < decoding.min_new_tokens
+                    and logits[i, chosen[i]] == -math.inf):
                 chosen[i] = self.tokenizer.im_end_id  # the grammar allows only the end, which min_new_tokens held back
         return chosen
 
@@ -371,7 +424,8 @@ class Engine:
             raise RuntimeError(f"request {r.key!r}: the grammar rejected token {token}, which its own mask allowed")
         r.tokens.append(token)
         r.next_token = token
-        r.seen = torch.cat([r.seen, torch.tensor([token], device=self.device)])
+        if self._seen is None:
+            r.seen = torch.cat([r.seen, torch.tensor([token], device=self.device)])
         if token in self.stops:
             return self._finish(r, "stop", truncated=False)
         if request.cancelled is not None and request.cancelled():
@@ -445,8 +499,47 @@ class Engine:
             last = len(rows) - 1
             if i != last:
                 self.cache.move_row(last, i)
+                if self._seen is not None:
+                    self._seen[i].copy_(self._seen[last])
                 rows[i] = rows[last]
             rows.pop()
+
+
+class _GraphStep:
+    """One decoding step of `bucket` rows over `width` cache slots, as a CUDA graph: the inputs are copied into
+    static buffers, the graph replays the whole forward (about a thousand kernels at the 1.8B shape) in one launch,
+    and the logits come back in a static buffer. The first call runs the step eagerly a few times on a side stream
+    (with the real inputs, so the cache writes it makes are the step's own), then captures it."""
+
+    def __init__(self, engine: Engine, bucket: int, width: int, pool):
+        self.engine, self.bucket, self.width = engine, bucket, width
+        self.tokens = torch.zeros(bucket, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(bucket, dtype=torch.long, device=engine.device)
+        self.pool = pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        count = len(tokens)
+        self.tokens[:count].copy_(tokens)
+        self.positions[:count].copy_(positions)
+        self.tokens[count:].zero_()
+        self.positions[count:].zero_()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits[:count]
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream(device=self.engine.device)
+        stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy initialisation and kernel selection happen outside the capture
+                self.engine._forward(self.tokens, self.positions, self.width)
+        torch.cuda.current_stream(self.engine.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            self.logits = self.engine._forward(self.tokens, self.positions, self.width)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -336,6 +336,7 @@ class Example:
     id: int  # 0-based line number in the input file
     user_text: str  # instruction + dialogue, as in training
     instruction_chars: int = 0  # where the dialogue starts in user_text (the turns cut never keeps less than that)
+    output: str | None = None  # the gold answer, where the record has one (benchmarks use its length)
 
 
 def read_examples(path: str) -> list[Example]:
@@ -348,7 +349,9 @@ def read_examples(path: str) -> list[Example]:
         instruction = record.get("instruction", INSTRUCTION)
         if not isinstance(instruction, str):
             raise ValueError(f"{path}:{lineno}: field 'instruction' is not a string")
-        examples.append(Example(lineno - 1, instruction + dialogue, len(instruction)))
+        output = record.get("output")
+        examples.append(Example(lineno - 1, instruction + dialogue, len(instruction),
+                                output if isinstance(output, str) else None))
     if not examples:
         raise ValueError(f"{path}: no records (the file is empty)")
     return examples

@@ -61,6 +61,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     work.add_argument("--max_len", type=int, default=2048, help="prompt truncation, as in training")
     work.add_argument("--max_src_len", type=int, default=1560, help="prompt truncation, as in training")
     work.add_argument("--seed", type=int, default=0, help="seed of the random model")
+    work.add_argument("--stop_at_gold_length", action="store_true",
+                      help="each answer is as long as its gold answer in --input_file (tokens, <|im_end|> included) "
+                           "instead of --new_tokens: rows end at different steps, as real answers do")
+    work.add_argument("--round_size", type=int, default=0,
+                      help="samples per round (variants alternate round by round, so a busy machine slows them "
+                           "alike); 0 = the lcm of --batch_sizes; the whole file lets rows refill across it")
+    work.add_argument("--no_chapter", action="store_true",
+                      help="leave out the chapter's one-at-a-time way (4 s a dialogue on an H100)")
+    work.add_argument("--engine", choices=["auto", "eager", "graphs"], default="auto",
+                      help="the engine's decoding step: auto = CUDA graphs on a GPU, eager elsewhere")
     work.add_argument("--constraint", choices=CONSTRAINTS, default="none",
                       help="none: the chapter's way against ours; grounded / schema: ours free against ours under "
                            "that answer grammar")
@@ -88,15 +98,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dialogues = {e.id: e.user_text[e.instruction_chars:] for e in examples}
     decoding = Decoding(max_new_tokens=args.new_tokens, repetition_penalty=args.repetition_penalty,
                         min_new_tokens=args.new_tokens)
+    decodings = {i: decoding for i in prompts}
+    if args.stop_at_gold_length:
+        decodings = {e.id: Decoding(max_new_tokens=gold_length(tokenizer, e), min_new_tokens=gold_length(tokenizer, e),
+                                    repetition_penalty=args.repetition_penalty) for e in examples}
+    graphs = {"auto": None, "eager": False, "graphs": True}[args.engine]
     vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
     warm_up(model, tokenizer, list(prompts.values()))
 
     # Rounds of lcm(batch sizes) samples, longest prompts first, as the engine orders them.
     order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
-    round_size = math.lcm(*args.batch_sizes)
+    round_size = args.round_size or math.lcm(*args.batch_sizes)
     if args.constraint == "none":
-        names = ["chapter (batch 1)"] + [f"ours (batch {b})" for b in args.batch_sizes]
-        runs = [(names[0], None, None)] + [(f"ours (batch {b})", b, None) for b in args.batch_sizes]
+        runs = [] if args.no_chapter else [("chapter (batch 1)", None, None)]
+        runs += [(f"ours (batch {b})", b, None) for b in args.batch_sizes]
+        names = [name for name, _, _ in runs]
     else:
         runs = [run for b in args.batch_sizes for run in ((f"free (batch {b})", b, None),
                                                           (f"{args.constraint} (batch {b})", b, args.constraint))]
@@ -109,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             t0 = time.perf_counter()
             if batch_size is None:
                 for i in ids:
-                    outputs[name][i] = chapter_generate(model, tokenizer, prompts[i], decoding)
+                    outputs[name][i] = chapter_generate(model, tokenizer, prompts[i], decodings[i])
             else:
-                engine = Engine(model, tokenizer, batch_size, vocabulary)
-                requests = [Request(prompts[i], decoding, grammar_for(vocabulary, dialogues[i], constraint))
+                engine = Engine(model, tokenizer, batch_size, vocabulary, cuda_graphs=graphs)
+                requests = [Request(prompts[i], decodings[i], grammar_for(vocabulary, dialogues[i], constraint))
                             for i in ids]
                 for k, result in engine.stream(requests):
                     outputs[name][ids[k]] = (result.text, len(result.tokens))
@@ -126,15 +142,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         new_tokens = sum(count for _, count in outputs[name].values())
         variant = {"name": name, "seconds": round(seconds[name], 2), "samples_per_s": round(n / seconds[name], 3),
                    "new_tokens": new_tokens, "new_tokens_per_s": round(new_tokens / seconds[name], 1)}
-        if args.constraint == "none":
+        if args.constraint == "none" and not args.no_chapter:
             same = sum(outputs[name][i] == outputs[names[0]][i] for i in prompts)
             variant["same_output_as_chapter"] = f"{same}/{n}"
         variants.append(variant)
         print(f"{name:>22}: {seconds[name]:7.1f} s | {n / seconds[name]:6.3f} samples/s | "
               f"{new_tokens / seconds[name]:7.1f} new tokens/s"
               + (f" | same output as the chapter's way {variant['same_output_as_chapter']}"
-                 if args.constraint == "none" else f" | {new_tokens} new tokens"))
-    if args.constraint == "none":
+                 if "same_output_as_chapter" in variant else f" | {new_tokens} new tokens"))
+    if args.constraint == "none" and not args.no_chapter:
         best = max(variants[1:], key=lambda v: v["samples_per_s"])
         speedup = best["samples_per_s"] / variants[0]["samples_per_s"]
         print(f"speedup: {speedup:.2f}x ({best['name']} against the chapter's way)")
@@ -151,16 +167,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "model": model_info(model, model_path),
         "settings": {"input_file": os.path.relpath(args.input_file, ROOT), "num_samples": n,
                      "new_tokens": args.new_tokens, "greedy": True, "repetition_penalty": args.repetition_penalty,
-                     "constraint": args.constraint,
+                     "constraint": args.constraint, "stop_at_gold_length": args.stop_at_gold_length,
+                     "engine": args.engine, "round_size": round_size,
                      "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                     "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / n, 1), "max": max(lengths)},
-                     "round_size": round_size},
+                     "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / n, 1), "max": max(lengths)}},
         "variants": variants,
     }
-    if args.constraint == "none":
-        result.update(best=best["name"], speedup=round(speedup, 2))
-    else:
+    if args.constraint != "none":
         result["constraint_cost"] = costs
+    elif not args.no_chapter:
+        result.update(best=best["name"], speedup=round(speedup, 2))
     print(json.dumps(result, ensure_ascii=False))
     return result
 
@@ -176,6 +192,13 @@ def chapter_generate(model, tokenizer, ids: list[int], decoding: Decoding) -> tu
     stops = set(stop_token_ids(tokenizer))
     n_new = next((k + 1 for k, token in enumerate(new) if token in stops), len(new))
     return tokenizer.decode(new[:n_new], skip_special_tokens=True), n_new
+
+
+def gold_length(tokenizer, example) -> int:
+    """Tokens of the example's gold answer block after `assistant\\n` (its text and <|im_end|>)."""
+    if not isinstance(example.output, str):
+        raise SystemExit(f"--stop_at_gold_length: record {example.id + 1} of --input_file has no 'output'")
+    return len(tokenizer.encode(example.output, allowed_special=set())) + 1
 
 
 def grammar_for(vocabulary, dialogue: str, constraint: str | None):

@@ -13,6 +13,11 @@
 # differ),
 # trainpy (train.py itself under the deepspeed launcher on one GPU, 20 optimizer steps of the chapter's command, for
 # s/step and peak memory; its figures are its step lines, repeated at the end).
+# The engine's decoding (CUDA graphs, continuous batching; issue 19), none of which needs the chapter's baseline:
+# graphs_test (the GPU-only test: graph steps equal eager steps), decode (50 dialogues x 150 new tokens at batch 1
+# and 50, graphs), decode_gold (answers as long as the gold ones, so rows end at different steps; batch 32 and 50),
+# decode_eager (the before: 8 dialogues, eager steps, batch 1 and 8), decode_fp32 (fp32, 8 dialogues: outputs
+# equal to the chapter's way), decode_grounded (the grammar's cost at batch 32).
 # All steps take about 11 minutes on an H100: where one command may run 10, run them as two commands,
 # `train_synthetic train_real train_real_mask trainpy` (4 minutes on 2026-11-22, building the checkpoint included)
 # and `predict predict_fp32` (about 7). A failed step is reported and the next one still runs; the exit status is 1
@@ -25,11 +30,12 @@ TRAIN_OUT=${TRAIN_OUT:-bench/gpu_train_run}  # train.py's checkpoints (about 0.2
 MODEL=bench/tiny_qwen_h2048_l24_a16_i11008_s1234_bfloat16  # what bench_train --real_shape builds (seed 1234)
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(train_synthetic train_real train_real_mask predict predict_fp32 trainpy)
+KNOWN="train_synthetic train_real train_real_mask predict predict_fp32 trainpy graphs_test decode decode_gold \
+decode_eager decode_fp32 decode_grounded"
 for step in "${STEPS[@]}"; do
-    case $step in
-    train_synthetic | train_real | train_real_mask | predict | predict_fp32 | trainpy) ;;
-    *) echo "bench/run_gpu.sh: unknown step '$step' (train_synthetic, train_real, train_real_mask, predict," \
-        "predict_fp32, trainpy)" >&2; exit 2 ;;
+    case " $KNOWN " in
+    *" $step "*) ;;
+    *) echo "bench/run_gpu.sh: unknown step '$step' ($KNOWN)" >&2; exit 2 ;;
     esac
 done
 "$PYTHON" - <<'EOF' || exit 1
@@ -80,6 +86,27 @@ for step in "${STEPS[@]}"; do
         model
         run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --dtype fp32 \
             --num_samples 8 --new_tokens 32 --batch_sizes 8 ;;
+    graphs_test) run "$step" "$PYTHON" -m pytest tests/test_generation.py -q -k cuda ;;
+    decode)
+        model
+        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+            --batch_sizes 1 50 --round_size 50 --no_chapter --engine graphs ;;
+    decode_gold)
+        model
+        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --stop_at_gold_length \
+            --batch_sizes 32 50 --round_size 50 --no_chapter --engine graphs ;;
+    decode_eager)
+        model
+        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+            --num_samples 8 --batch_sizes 1 8 --round_size 8 --no_chapter --engine eager ;;
+    decode_fp32)
+        model
+        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --dtype fp32 \
+            --num_samples 8 --new_tokens 32 --batch_sizes 8 --engine graphs ;;
+    decode_grounded)
+        model
+        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+            --batch_sizes 32 --round_size 50 --constraint grounded --engine graphs ;;
     trainpy)
         model
         run "$step" "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 train.py --train_path data/train.json \

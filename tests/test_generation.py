@@ -200,3 +200,30 @@ def test_a_request_that_cannot_be_admitted_fails_alone(model, tokenizer, vocabul
     assert results[1].finish_reason == "error" and "exceed the cache capacity 64" in results[1].text
     assert results[2].finish_reason == "error" and "not a valid EBNF grammar" in results[2].text
     assert len(results[0].tokens) == len(results[3].tokens) == 3
+
+
+@pytest.mark.parametrize("constraint", ["none", "grounded"])
+def test_the_static_shape_path_gives_the_same_tokens(model, tokenizer, vocabulary, constraint):
+    """What a CUDA graph replays: every step over a bucketed width of the cache (not the slots in use) and the
+    repetition penalty as one (rows, vocab) mask. Same tokens as the exact-width path, batched and alone."""
+    requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=70, min_new_tokens=70),
+                                   constraint, vocabulary)[0] for d in DIALOGUES]
+    reference = [r.tokens for r in Engine(model, tokenizer, 3, vocabulary).generate(requests)]
+    for batch_size in (3, 1):
+        engine = Engine(model, tokenizer, batch_size, vocabulary, static_width=True, dense_penalty=True)
+        assert engine.static_width and engine.dense_penalty and not engine.cuda_graphs
+        assert [r.tokens for r in engine.generate(requests)] == reference
+
+
+def test_cuda_graphs_need_a_cuda_device(model, tokenizer):
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device"):
+        Engine(model, tokenizer, 2, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA GPU (the graphs are checked on the GPU machine)")
+def test_cuda_graph_steps_equal_eager_steps_on_a_gpu(tiny_ckpt, tokenizer):
+    gpu_model, _ = predict.load_model(tiny_ckpt, torch.device("cuda"), torch.float32)
+    requests = [Request(p, Decoding(max_new_tokens=20, min_new_tokens=20)) for p in prompts_of(tokenizer)]
+    eager = Engine(gpu_model, tokenizer, 3, cuda_graphs=False).generate(requests)
+    graphed = Engine(gpu_model, tokenizer, 3, cuda_graphs=True).generate(requests)
+    assert [r.tokens for r in graphed] == [r.tokens for r in eager]
