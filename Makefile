@@ -13,7 +13,7 @@ MERGED := $(DEMO)/merged
 PRED := $(DEMO)/predictions.jsonl
 # the chapter's settings, scaled down: 64 training dialogues, 2 epochs, two CPU ranks over gloo
 DEMO_TRAIN_SAMPLES := 64
-DEMO_NEW_TOKENS := 48
+DEMO_NEW_TOKENS := 96
 DEMO_LR := 2e-3
 
 .PHONY: help venv test demo bench bench-gpu clean clean-demo distclean
@@ -83,7 +83,8 @@ $(MERGED)/config.json: $(RUN)/best_checkpoint.json
 	$(VPY) merge_params.py --ori_model_dir $(TINY) --model_dir $(RUN) --save_model_dir $(MERGED) --overwrite
 
 $(PRED): $(MERGED)/config.json
-	@echo "==> batch extraction over the 50 test dialogues ($(DEMO_NEW_TOKENS) new tokens each: random weights never stop)"
+	@echo "==> batch extraction over the 50 test dialogues (at most $(DEMO_NEW_TOKENS) new tokens each: random weights never"
+	@echo "    stop, so --constraint grounded closes each answer at the budget, still valid and grounded)"
 	$(VPY) predict.py --model_path $(MERGED) --input_file data/test.json --output_file $(PRED).part \
 		--batch_size 16 --max_tgt_len $(DEMO_NEW_TOKENS)
 	mv $(PRED).part.settings.json $(PRED).settings.json
