@@ -53,13 +53,16 @@ def _skeleton_piece(index: int) -> str:
 
 
 # A JSON string's characters exactly as json.dumps writes them: anything but '"', '\' and control characters as
-# itself; those as \" \\ \n \r \t \b \f, and the other control characters as \u00XX (lower-case hex). Written as
-# runs of a character class (not a repetition of alternatives), which xgrammar masks in microseconds, not 50 ms.
+# itself; those as \" \\ \n \r \t \b \f, and the other control characters as \u00XX (lower-case hex). A list
+# item under `schema` (`nonempty`) starts and ends with a character that is not white space (str.isspace), as a
+# grounded span does: evaluation strips items, so " " would be an empty item. Written as runs of a character class
+# (not a repetition of alternatives), which xgrammar masks in microseconds, not 50 ms.
 _STRING_RULES = r'''
 text ::= "\"" body "\""
-nonempty ::= "\"" ([^"\\\x00-\x1f] | "\\" escape) body "\""
 body ::= [^"\\\x00-\x1f]* ("\\" escape [^"\\\x00-\x1f]*)*
 escape ::= ["\\nrtbf] | "u00" ("0" [0-7bef] | "1" [0-9a-f])
+nonempty ::= "\"" edge (body edge)? "\""
+edge ::= [^"\\\x00-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000] | "\\" ["\\b] | "\\u00" ("0" [0-7ef] | "1" [0-9ab])
 '''
 
 
@@ -77,8 +80,12 @@ def build_ebnf(dialogue: str, constraint: str = "grounded") -> str:
     if constraint == "schema":
         rules.append("item ::= nonempty")
     else:
-        rules.append('item ::= "\\"" span "\\""')
-        rules += _span_rules(dialogue)
+        spans = _span_rules(dialogue)
+        if spans:
+            rules.append('item ::= "\\"" span "\\""')
+            rules += spans
+        else:  # nothing to copy: every list is empty
+            rules[1] = 'list ::= "[]"'
     return "\n".join(rules) + _STRING_RULES
 
 
@@ -90,6 +97,11 @@ def build_ebnf(dialogue: str, constraint: str = "grounded") -> str:
 def suffix_automaton(text: str) -> list[dict[str, int]]:
     """Transitions of the suffix automaton of `text` (state 0 is the start): a path from the start spells every
     substring of `text` and nothing else."""
+    return _suffix_automaton(text)[0]
+
+
+def _suffix_automaton(text: str) -> tuple[list[dict[str, int]], list[int]]:
+    """(transitions, the length of each state's longest string); a transition always leads to a longer one."""
     nxt: list[dict[str, int]] = [{}]
     link, length = [-1], [0]
     last = 0
@@ -118,28 +130,49 @@ def suffix_automaton(text: str) -> list[dict[str, int]]:
                     p = link[p]
                 link[q] = link[cur] = clone
         last = cur
-    return nxt
+    return nxt, length
 
 
 def _span_rules(dialogue: str) -> list[str]:
-    """`span ::= ...`: a non-empty substring of one line of the dialogue, JSON-escaped, one rule per automaton
-    state reachable without crossing a newline."""
-    nxt = suffix_automaton(dialogue)
-    names: dict[int, str] = {0: "span"}
-    order, rules = [0], []
+    """`span ::= ...`: a substring of one line of the dialogue that neither starts nor ends with white space (an
+    item of spaces alone would be an empty item once stripped, as evaluation strips items), JSON-escaped, one rule per
+    automaton state that can still reach the end of such a span.
+
+    Every string a suffix-automaton state stands for ends with the same character, so "may the span end here" is a
+    property of the state: it may where that character is not white space."""
+    nxt, length = _suffix_automaton(dialogue)
+
+    def moves_of(state: int) -> list[tuple[str, int]]:
+        return [(ch, target) for ch, target in sorted(nxt[state].items())
+                if ch != "\n" and not (state == 0 and ch.isspace())]
+
+    last = {0: ""}  # each state's last character
+    order = [0]
     for state in order:  # breadth first over the states reachable without "\n"; `order` grows as it goes
-        for ch, target in nxt[state].items():
-            if ch != "\n" and target not in names:
-                names[target] = f"s{len(names)}"
+        for ch, target in moves_of(state):
+            if target not in last:
+                last[target] = ch
                 order.append(target)
+    # the states from which a span can still end (a line ending in a space leaves dead ones); transitions only lead
+    # to longer strings, so the longest first sees every successor before its predecessors
+    alive: set[int] = set()
+    for state in sorted(order, key=lambda s: -length[s]):
+        ends = state != 0 and not last[state].isspace()
+        if ends or any(target in alive for _, target in moves_of(state)):
+            alive.add(state)
+    names = {0: "span"}
     for state in order:
-        moves = [f"{_literal(_json_char(ch))} {names[target]}"
-                 for ch, target in sorted(nxt[state].items()) if ch != "\n"]
-        if state == 0:  # the start: at least one character
-            rules.append("span ::= " + (" | ".join(moves) if moves else '"\\x00"'))
-        else:
-            rules.append(f"{names[state]} ::= " + " | ".join(['""', *moves]))
-    return rules
+        if state in alive and state not in names:
+            names[state] = f"s{len(names)}"
+    rules = []
+    for state in order:
+        if state not in alive:
+            continue
+        moves = [f"{_literal(_json_char(ch))} {names[target]}" for ch, target in moves_of(state) if target in alive]
+        if state != 0 and not last[state].isspace():
+            moves.insert(0, '""')
+        rules.append(f"{names[state]} ::= " + " | ".join(moves))
+    return rules if 0 in alive else []  # a dialogue without a non-space character has no span
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,13 +225,13 @@ def _rest(index: int) -> str:
 
 def _scan_string(text: str, pos: int, allow_empty: bool) -> tuple[int | None, str | None]:
     """A JSON string starting at `pos`: (index after it, "") when it is complete; (None, text that closes it) when
-    `text` ends inside it; (None, None) when it cannot be closed here (in an escape, or empty where that is not
-    allowed) or is malformed."""
+    `text` ends inside it; (None, None) when it cannot be closed here (in an escape; for a list item, with no
+    character yet or after white space) or is malformed."""
     if pos == len(text):
         return None, ('""' if allow_empty else None)
     if text[pos] != '"':
         return None, None
-    i, chars = pos + 1, 0
+    i, last = pos + 1, ""  # `last`: the string's last character so far, decoded
     while i < len(text):
         ch = text[i]
         if ch == '"':
@@ -208,15 +241,23 @@ def _scan_string(text: str, pos: int, allow_empty: bool) -> tuple[int | None, st
             if escape == "u":
                 if len(text) < i + 6:
                     return None, None
-                i += 6
+                step = 6
             elif escape:
-                i += 2
+                step = 2
             else:
                 return None, None
+            try:
+                last = json.loads(f'"{text[i:i + step]}"')
+            except json.JSONDecodeError:
+                return None, None
+            i += step
         else:
+            last = ch
             i += 1
-        chars += 1
-    return None, ('"' if chars or allow_empty else None)
+    if allow_empty:
+        return None, '"'
+    # a list item: never empty, never ending in white space (a grounded span cannot, and it would be stripped)
+    return None, ('"' if last and not last.isspace() else None)
 
 
 def _scan_list(text: str, pos: int) -> tuple[int | None, str | None]:

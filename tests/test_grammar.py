@@ -53,7 +53,9 @@ def test_the_trained_serialisation_is_accepted_with_its_escapes(vocabulary, toke
     assert not accepts(vocabulary, tokenizer, DIALOGUE, text[:-3])  # no closing fence: <|im_end|> is not allowed
 
 
-@pytest.mark.parametrize("case", ["made_up_span", "empty_item", "across_lines", "other_spacing", "key_order",
+@pytest.mark.parametrize("case", ["made_up_span", "empty_item", "space_item", "space_around", "space_before",
+                                  "across_lines",
+                                  "other_spacing", "key_order",
                                   "raw_quote", "ascii_escape", "unicode_escape_of_text", "no_fence", "trailing_text"])
 def test_what_breaks_the_format_or_grounding_is_rejected(case, vocabulary, tokenizer):
     answer = json.loads(json.dumps(ANSWER))
@@ -62,6 +64,12 @@ def test_what_breaks_the_format_or_grounding_is_rejected(case, vocabulary, token
         answer["药品名称"] = ["阿莫西林"]
     elif case == "empty_item":
         answer["药物类别"] = [""]
+    elif case == "space_item":  # a span of the dialogue, but empty once stripped, as evaluation strips items
+        answer["药物类别"] = [" "]
+    elif case == "space_around":
+        answer["医疗检查"] = ["查了，还做了雾化\t"] if "\t" in DIALOGUE else []  # ends in white space
+    elif case == "space_before":
+        answer["医疗操作"] = [" 你好"]  # a span of the dialogue ("医生: 你好"), starting with white space
     elif case == "across_lines":
         answer["医疗检查"] = ["布洛芬混悬液\\滴剂。\n医生: 查过血常规"]
     elif case == "other_spacing":
@@ -82,6 +90,8 @@ def test_what_breaks_the_format_or_grounding_is_rejected(case, vocabulary, token
     assert not accepts(vocabulary, tokenizer, DIALOGUE, text)
     if case in ("made_up_span", "across_lines"):  # well-formed: schema takes it, only grounding fails
         assert accepts(vocabulary, tokenizer, DIALOGUE, text, "schema")
+    if case in ("empty_item", "space_item", "space_around", "space_before"):  # no item is empty once stripped, under schema either
+        assert not accepts(vocabulary, tokenizer, DIALOGUE, text, "schema")
 
 
 def test_no_special_token_or_unused_row_inside_an_answer(vocabulary, tokenizer):
@@ -167,7 +177,9 @@ def test_a_cut_answer_is_closed_valid_and_grounded(vocabulary, tokenizer):
     for k, ok in enumerate(closable):
         if not ok:
             before = text[:k]
-            assert before.endswith(("\\", '["', ', "', ", ", '",')) or "\\u" in before[-5:], repr(before[-12:])
+            in_item = before.rfind('"') > before.rfind("[") and before.count('"', before.rfind("[")) % 2 == 1
+            assert (before.endswith(("\\", '["', ', "', ", ", '",')) or "\\u" in before[-5:]
+                    or (in_item and (before.endswith(" ") or before.endswith("\\t")))), repr(before[-12:])
         assert any(closable[k:k + 6]) or k > len(text) - 6
     assert grammar.closing_text(text) == ""
     assert grammar.closing_text(text[:-3] + "xx") is None  # not the format: nothing closes it
