@@ -41,8 +41,9 @@ import unicodedata
 import torch
 from safetensors.torch import save_file
 
-from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, build_chatml_ids, load_tokenizer,
-                   silence_library_deprecations)
+from model_files import LOAD_ERRORS, check_model_files, check_vocabulary
+from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, build_chatml_ids, check_output_path,
+                   load_tokenizer, one_line, silence_library_deprecations)
 
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
@@ -169,6 +170,12 @@ def validate(args: argparse.Namespace) -> None:
         if not os.path.isfile(os.path.join(out, "config.json")):
             fail(f"--output_dir {args.output_dir} holds no model (no config.json): --overwrite replaces an earlier "
                  f"export only, never other files; empty it yourself or pick another")
+    try:  # written beside itself and renamed into place; then the source's files, read as far as headers
+        check_output_path(args.output_dir, "--output_dir", directory=True, replaced=True)
+        check_model_files(path)
+        check_vocabulary(path)
+    except LOAD_ERRORS as e:
+        fail(one_line(e))
 
 
 def parse_size(text: str) -> int:

@@ -403,6 +403,26 @@ CASES = {
         s, d, resume_from_checkpoint=torn(fake_checkpoint(d, train_flags(s, d)), "trainer_state.json")),
         ["trainer_state.json", "not valid JSON"]),
 
+    # export_qwen2.py: the output folder, then the source model's files, before anything loads
+    "export output_dir is a file": lambda d, s: Case("export_qwen2.py", ["--model_path", s.tiny,
+                                                                         "--output_dir", a_file(d)],
+                                                     ["--output_dir", "is a file"]),
+    "export output_dir under a file": lambda d, s: Case("export_qwen2.py", ["--model_path", s.tiny, "--output_dir",
+                                                                            a_file(d) + "/q2"],
+                                                        ["--output_dir", "is a file, not a directory"]),
+    "export output_dir in a read-only folder": lambda d, s: Case(
+        "export_qwen2.py", ["--model_path", s.tiny, "--output_dir", read_only_dir(d) + "/q2"],
+        ["--output_dir", "no permission"]),
+    "export truncated weights": lambda d, s: Case("export_qwen2.py", ["--model_path", model_copy(
+        d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))}),
+        "--output_dir", str(d / "q2")], ["model.safetensors", "truncated"]),
+    "export vocabulary corrupt": lambda d, s: Case("export_qwen2.py", ["--model_path", model_copy(
+        d, s.tiny, files={"qwen.tiktoken": b"YWJj x\n"}), "--output_dir", str(d / "q2")],
+        ["qwen.tiktoken", "<base64> <rank>"]),
+    "export a train.py checkpoint": lambda d, s: Case("export_qwen2.py", ["--model_path", s.adapter,
+                                                                          "--output_dir", str(d / "q2")],
+                                                      ["--model_path", "merge it first"]),
+
     # qwen1_8/make_tiny.py
     "make_tiny output_dir is a file": lambda d, s: make_tiny(a_file(d)),
     "make_tiny output_dir under a file": lambda d, s: make_tiny(a_file(d) + "/tiny"),
