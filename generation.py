@@ -420,8 +420,8 @@ class Engine:
     def _advance(self, r: _Row, token: int) -> Result | None:
         """Record `token` for row `r`; the row's result when its answer has ended."""
         request = r.request
-        if r.matcher is not None and not r.matcher.accept(token):
-            raise RuntimeError(f"request {r.key!r}: the grammar rejected token {token}, which its own mask allowed")
+        if r.matcher is not None and not r.matcher.accept(token):  # never seen: a bug, but this answer's alone
+            return self._failed(r, f"the grammar rejected token {token}, which its own mask allowed")
         r.tokens.append(token)
         r.next_token = token
         if self._seen is None:
@@ -436,7 +436,7 @@ class Engine:
             if closing is not None and len(r.tokens) + len(closing) + CLOSING_SLACK >= budget:
                 for t in closing:
                     if not r.matcher.accept(t):
-                        raise RuntimeError(f"request {r.key!r}: the grammar rejected the closing token {t}")
+                        return self._failed(r, f"the grammar rejected the closing token {t}")
                 r.tokens += closing
                 return self._finish(r, "stop", truncated=True)
         if len(r.tokens) >= budget + (OVERSHOOT if request.closable else 0):
@@ -488,6 +488,10 @@ class Engine:
             r.sent_chars = len(text)
         r.position = -1  # marks the row free
         return Result(list(r.tokens), text, reason, truncated, len(r.request.prompt))
+
+    def _failed(self, r: _Row, why: str) -> Result:
+        r.position = -1
+        return Result(list(r.tokens), why, "error", False, len(r.request.prompt))
 
     def _compact(self, rows: list[_Row]) -> None:
         """Drop ended rows, moving the last running row into each hole, so rows 0..A-1 are the running ones."""

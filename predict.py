@@ -379,11 +379,16 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
               flush=True)
     directory = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(directory, exist_ok=True)
-    start, new_tokens, written, closed = time.perf_counter(), 0, 0, 0
+    start, new_tokens, written, closed, failed = time.perf_counter(), 0, 0, 0, []
     try:
         with tqdm(total=len(todo), desc="predict", unit="sample") as bar:
             for index, result in engine.stream(requests):
                 e = todo[index]
+                if result.finish_reason == "error":  # left out of the file, so that a rerun tries it again
+                    failed.append(e.id)
+                    bar.write(f"id {e.id}: failed: {result.text}", file=sys.stderr)
+                    bar.update(1)
+                    continue
                 append_jsonl(output_file, [{"id": e.id, "output": result.text, "num_new_tokens": len(result.tokens),
                                             "truncated": result.truncated, "input_digest": input_digest(e.user_text)}])
                 new_tokens += len(result.tokens)
@@ -398,6 +403,9 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
         raise SystemExit(f"error: --output_file {output_file}: cannot append to it ({e.strerror}); the "
                          f"{done + written} predictions written before are kept, and a rerun resumes") from None
     seconds = time.perf_counter() - start
+    if failed:
+        raise SystemExit(f"error: {len(failed)} answers failed (ids {', '.join(map(str, failed))}); the {written} "
+                         f"others are in {output_file}, and a rerun tries the failed ones again")
     print(f"wrote {len(todo)} predictions to {output_file} | {seconds:.1f} s | {len(todo) / seconds:.2f} samples/s | "
           f"{new_tokens / seconds:.1f} new tokens/s | {closed} reached --max_tgt_len"
           + (" (closed by the constraint, still valid)" if closed and constraint != "none" else ""), flush=True)
@@ -430,6 +438,9 @@ def read_dialogue(read_line: Callable[[str], str] | None = None) -> str | None:
 
 
 def show_answer(answer: Result | str) -> None:
+    if isinstance(answer, Result) and answer.finish_reason == "error":
+        print(f"No answer: {answer.text}")
+        return
     text = answer.text if isinstance(answer, Result) else answer
     if isinstance(answer, Result) and answer.truncated:
         print("(The answer reached --max_tgt_len" + (" and was closed there.)" if answer.text.endswith("```")

@@ -402,3 +402,20 @@ def test_interactive_session_in_a_terminal(tiny_ckpt):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_a_failed_answer_is_named_left_out_and_retried(tokenizer, tmp_path, monkeypatch):
+    from generation import Decoding, Engine, Result
+
+    def one_ok_one_failed(engine, requests):
+        yield 1, Result([1], "{}", "stop", False, 10)
+        yield 0, Result([], "the grammar rejected token 5", "error", False, 10)
+
+    monkeypatch.setattr(Engine, "stream", one_ok_one_failed)
+    engine = Engine.__new__(Engine)
+    engine.tokenizer, engine.vocabulary = tokenizer, None
+    inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
+    write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
+    with pytest.raises(SystemExit, match=r"1 answers failed \(ids 0\); the 1 others are in .*a rerun tries"):
+        predict.predict_file(engine, str(inputs), str(out), Decoding(), 2048, 1560, constraint="none")
+    assert [r["id"] for r in read_lines(out)] == [1]
