@@ -16,11 +16,15 @@ is still valid and grounded; its result says `truncated`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from grammar import AnswerGrammar, closing_text, empty_answer
+from utils import build_chatml_ids, one_line
 
 # tokens of slack kept when deciding to close an answer: a token or two may pass before the answer reaches a point
 # where it can be closed (inside an escape, or an item just opened), and a shorter closing text may tokenize longer
@@ -355,7 +359,13 @@ class Engine:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = self._graphs[(bucket, width)] = _GraphStep(self, bucket, width, self._graph_pool)
-        return graph(tokens, positions)
+        try:
+            return graph(tokens, positions)
+        except RuntimeError as e:  # a capture this torch or driver refuses: the same step, eagerly, from now on
+            warnings.warn(f"CUDA graph capture failed ({one_line(e)}); decoding eagerly instead")
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return self._forward(tokens, positions, width)
 
     def _penalise(self, logits: torch.Tensor, rows: list[_Row]) -> None:
         """transformers' repetition penalty: a seen token's logit is divided by the penalty (multiplied if negative)."""
@@ -447,8 +457,6 @@ class Engine:
     def closing_window(self) -> int:
         """Tokens the longest closing text can take, with slack: closing is looked at only this close to the budget."""
         if self._closing_window is None:
-            from grammar import empty_answer
-
             self._closing_window = len(self._encode(empty_answer())) + 1 + 2 * CLOSING_SLACK
         return self._closing_window
 
@@ -458,8 +466,6 @@ class Engine:
     def _closing_ids(self, tokens: list[int]) -> list[int] | None:
         """The tokens that close an answer cut after `tokens`, `<|im_end|>` included; None where it cannot be
         closed right here (a partial character or escape, an item that has no character yet)."""
-        from grammar import closing_text
-
         try:
             prefix = b"".join(self.tokenizer.decoder[t] for t in tokens).decode("utf-8")
         except (UnicodeDecodeError, TypeError):  # a partial character, or a special token (never under a grammar)
@@ -572,19 +578,16 @@ def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decod
     """The request that answers `user_text` (instruction + `dialogue`), with the prompt cut as training cut it, and
     whether the prompt was cut. Under `grounded`, list items come from `dialogue`; `schema` keeps only the format;
     `none` generates freely. `callbacks`: Request's on_text / cancelled."""
-    from utils import build_chatml_ids
-
     ids = build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
                            instruction_chars=instruction_chars)
-    build = None
-    if constraint != "none":
-        if vocabulary is None:
-            raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
-        from grammar import AnswerGrammar
+    if constraint == "none":
+        return Request(ids.input_ids, decoding, **callbacks), ids.truncated
+    if vocabulary is None:
+        raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
 
-        def build() -> AnswerGrammar:
-            return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
-    return Request(ids.input_ids, decoding, build, closable=build is not None, **callbacks), ids.truncated
+    def build() -> AnswerGrammar:
+        return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
+    return Request(ids.input_ids, decoding, build, closable=True, **callbacks), ids.truncated
 
 
 def reference_config(tokenizer, decoding: Decoding):
