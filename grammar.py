@@ -187,9 +187,9 @@ def empty_answer() -> str:
 
 def closing_text(prefix: str) -> str | None:
     """The shortest text that closes an answer cut after `prefix` (the open string, list and object, the remaining
-    fields left empty, the fence), or None where no text can: inside an escape sequence, in a list item or after a
-    separator that still needs its item (an item is never empty), or where `prefix` leaves the format. The text
-    before `<|im_end|>` only; the grammar accepts `prefix + closing_text(prefix)`."""
+    fields left empty, the fence), or None where no text can: inside an escape sequence, in a list item that has no
+    character yet or ends in white space, after a separator that still needs its item, or where `prefix` leaves the
+    format. The text before `<|im_end|>` only; the grammar accepts `prefix + closing_text(prefix)`."""
     pos = 0
     for index, key in enumerate(EXTRACT_KEYS):
         piece = _skeleton_piece(index)
