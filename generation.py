@@ -420,10 +420,11 @@ class Engine:
         import xgrammar as xgr
 
         bitmask = self._bitmask[:logits.shape[0]]
-        if logits.device.type == "cpu":
-            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows, backend="torch_native")
-        else:
-            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        # xgrammar's own kernel for the device: on this project's CPUs its C++ one took 5 ms for 16 rows, four times
+        # less than the torch_native backend
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
     # ---- after the token ------------------------------------------------------------------------------------
 
