@@ -15,6 +15,7 @@ is still valid and grounded; its result says `truncated`.
 """
 from __future__ import annotations
 
+import codecs
 import math
 import warnings
 from collections import deque
@@ -23,15 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from grammar import AnswerGrammar, closing_text, empty_answer
-from utils import build_chatml_ids, one_line
-
-# tokens of slack kept when deciding to close an answer: a token or two may pass before the answer reaches a point
-# where it can be closed (inside an escape, or an item just opened), and a shorter closing text may tokenize longer
-CLOSING_SLACK = 6
-# tokens an answer under the answer grammar may run past its budget when it reached no point where it could be
-# closed (never seen: it takes a run of tokens that each end inside an escape); then it ends as "length"
-OVERSHOOT = 4 * CLOSING_SLACK
+from grammar import AnswerGrammar, AnswerScanner, empty_answer
+from utils import SYSTEM_PROMPT, build_chatml_ids, one_line
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -66,7 +60,7 @@ class Request:
 
     def slots(self) -> int:
         """Cache slots the request may need: its prompt and answer."""
-        return len(self.prompt) + self.decoding.max_new_tokens + (OVERSHOOT if self.closable else 0)
+        return len(self.prompt) + self.decoding.max_new_tokens
 
 
 @dataclass
@@ -92,6 +86,11 @@ class _Row:
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     sent_chars: int = 0  # how much of the text on_text has received
+    # under the answer grammar: where the answer stands, its characters so far (a token may end inside one), and
+    # the latest point where it can be closed within its budget: (tokens kept, the scanner there, closing ids)
+    scanner: AnswerScanner | None = None
+    decoder: Any = None
+    fallback: tuple[int, AnswerScanner, list[int] | None] | None = None
 
 
 class RowCache:
@@ -180,11 +179,14 @@ class Engine:
         self.layers = config.num_hidden_layers
         self.seq_length = getattr(config, "seq_length", 8192)
         self.vocab_size = config.vocab_size
+        if vocabulary is not None and vocabulary.vocab_size != self.vocab_size:
+            raise ValueError(f"the grammar vocabulary has {vocabulary.vocab_size} ids, the model's logits "
+                             f"{self.vocab_size}: build it with grammar.build_vocabulary(tokenizer, {self.vocab_size})")
         self.stops = set(stop_token_ids(tokenizer))
         self.cache: RowCache | None = None
         self.prefix: list[int] = []  # the tokens whose keys and values `prefix_kv` holds
         self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._closing_window: int | None = None
+        self._empty_answer_tokens: int | None = None
         self._bitmask = None
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
@@ -242,7 +244,8 @@ class Engine:
                             raise ValueError(f"prompt + new tokens ({request.slots()}) exceed the cache capacity "
                                              f"{self.cache.capacity}")
                         rows.append(self._admit(key, request, len(rows)))
-                    except (ValueError, RuntimeError) as e:  # this request only (a grammar that did not compile)
+                    except (ValueError, RuntimeError, IndexError) as e:  # this request only (a grammar that did
+                        # not compile, a token id the model has no row for)
                         yield key, Result([], str(e), "error", False, len(request.prompt))
                 if not rows:
                     return
@@ -296,12 +299,20 @@ class Engine:
         if decoding.do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(decoding.seed)
+        if request.closable and decoding.max_new_tokens < self.empty_answer_tokens():
+            raise ValueError(f"max_new_tokens {decoding.max_new_tokens} is below the {self.empty_answer_tokens()} "
+                             f"tokens an answer under the answer grammar takes at the least (every field empty)")
         matcher = request.grammar() if request.grammar is not None else None
         seen = torch.tensor(sorted(set(prompt)), device=self.device)
         if self._seen is not None:
             self._seen[row].zero_()
             self._seen[row, seen] = True
-        return _Row(key, request, len(body), prompt[-1], seen, matcher, generator)
+        row_state = _Row(key, request, len(body), prompt[-1], seen, matcher, generator)
+        if request.closable:
+            row_state.scanner = AnswerScanner()
+            row_state.decoder = codecs.getincrementaldecoder("utf-8")()
+            row_state.fallback = (0, AnswerScanner(), None)
+        return row_state
 
     # ---- one decoding step ----------------------------------------------------------------------------------
 
@@ -370,9 +381,16 @@ class Engine:
     def _penalise(self, logits: torch.Tensor, rows: list[_Row]) -> None:
         """transformers' repetition penalty: a seen token's logit is divided by the penalty (multiplied if negative)."""
         if self._seen is not None:
-            penalty = torch.tensor([[r.request.decoding.repetition_penalty] for r in rows], device=self.device)
-            seen = self._seen[:len(rows)]
-            logits.copy_(torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits))
+            # by a Python number, as transformers divides (on a GPU, dividing by a tensor rounds differently)
+            by_penalty: dict[float, list[int]] = {}
+            for i, r in enumerate(rows):
+                by_penalty.setdefault(r.request.decoding.repetition_penalty, []).append(i)
+            for penalty, index in by_penalty.items():
+                if penalty == 1.0:
+                    continue
+                part = slice(0, len(rows)) if len(index) == len(rows) else torch.tensor(index, device=self.device)
+                values, seen = logits[part], self._seen[:len(rows)][part]
+                logits[part] = torch.where(seen, torch.where(values < 0, values * penalty, values / penalty), values)
             return
         for i, r in enumerate(rows):
             penalty = r.request.decoding.repetition_penalty
@@ -399,11 +417,11 @@ class Engine:
                 chosen[i] = token
         for i, r in enumerate(rows):
             decoding = r.request.decoding
-            if decoding.do_sample:
-                chosen[i] = sample(logits[i], decoding.temperature, decoding.top_p, r.generator)
-            if (r.matcher is not None and len(r.tokens) < decoding.min_new_tokens
-                    and logits[i, chosen[i]] == -math.inf):
+            held = r.matcher is not None and len(r.tokens) < decoding.min_new_tokens
+            if held and logits[i, chosen[i]] == -math.inf:
                 chosen[i] = self.tokenizer.im_end_id  # the grammar allows only the end, which min_new_tokens held back
+            elif decoding.do_sample:
+                chosen[i] = sample(logits[i], decoding.temperature, decoding.top_p, r.generator)
         return chosen
 
     def _bitmask_rows(self) -> torch.Tensor:
@@ -439,60 +457,94 @@ class Engine:
             r.seen = torch.cat([r.seen, torch.tensor([token], device=self.device)])
         if token in self.stops:
             return self._finish(r, "stop", truncated=False)
-        if request.cancelled is not None and request.cancelled():
-            return self._finish(r, "cancelled", truncated=False)
+        try:
+            if request.cancelled is not None and request.cancelled():
+                return self._finish(r, "cancelled", truncated=False)
+        except Exception as e:  # a caller's callback: its failure ends its own answer, never the others
+            return self._failed(r, f"the request's cancelled() raised {type(e).__name__}: {one_line(e)}")
         budget = request.decoding.max_new_tokens
-        if request.closable and len(r.tokens) + self.closing_window() >= budget:
-            closing = self._closing_ids(r.tokens)
-            if closing is not None and len(r.tokens) + len(closing) + CLOSING_SLACK >= budget:
-                for t in closing:
-                    if not r.matcher.accept(t):
-                        return self._failed(r, f"the grammar rejected the closing token {t}")
-                r.tokens += closing
-                return self._finish(r, "stop", truncated=True)
-        if len(r.tokens) >= budget + (OVERSHOOT if request.closable else 0):
+        if request.closable:
+            return self._keep_closable(r, token, budget)
+        if len(r.tokens) >= budget:
             return self._finish(r, "length", truncated=True)
         self._send(r)
         return None
 
-    def closing_window(self) -> int:
-        """Tokens the longest closing text can take, with slack: closing is looked at only this close to the budget."""
-        if self._closing_window is None:
-            self._closing_window = len(self._encode(empty_answer())) + 1 + 2 * CLOSING_SLACK
-        return self._closing_window
+    def _keep_closable(self, r: _Row, token: int, budget: int) -> Result | None:
+        """Under the answer grammar, the budget can never leave an answer open: each token moves the scanner, every
+        point where the answer could be closed and still fit is remembered, and when the budget is reached (or the
+        answer here closes exactly at it) the answer is closed there: here, or, rolled back, at the latest point
+        that fitted. A run of tokens that each end inside a character, or an item that keeps ending in white space,
+        so only costs the tokens after that point."""
+        try:
+            r.scanner.feed(r.decoder.decode(self.tokenizer.decoder[token]))
+        except (UnicodeDecodeError, KeyError, TypeError):  # not UTF-8, or a special token: never under the grammar
+            r.scanner.mode = "broken"
+        n = len(r.tokens)
+        closing = None if r.decoder.getstate()[0] else r.scanner.closing()
+        if closing is not None:
+            ids = None
+            if n + self.empty_answer_tokens() >= budget:  # near the budget: does the closing fit?
+                ids = self._encode(closing) + [self.tokenizer.im_end_id]
+            if ids is None or n + len(ids) <= budget:
+                r.fallback = (n, AnswerScanner(**r.scanner.__dict__), ids)
+            if ids is not None and n + len(ids) >= budget:
+                return self._close(r)
+        if n >= budget:
+            return self._close(r)
+        self._send(r, r.fallback[0])
+        return None
+
+    def _close(self, r: _Row) -> Result:
+        """Close the answer at its fallback point: drop the tokens after it, then append the closing tokens."""
+        kept, scanner, ids = r.fallback
+        if ids is None:
+            ids = self._encode(scanner.closing()) + [self.tokenizer.im_end_id]
+        r.matcher.rollback(len(r.tokens) - kept)
+        del r.tokens[kept:]
+        for t in ids:
+            if not r.matcher.accept(t):  # never seen: closing_text is tested against the grammar
+                return self._failed(r, f"the grammar rejected the closing token {t}")
+        r.tokens += ids
+        return self._finish(r, "stop", truncated=True)
+
+    def empty_answer_tokens(self) -> int:
+        """Tokens of the shortest answer under the answer grammar, <|im_end|> included; no closing is longer."""
+        if self._empty_answer_tokens is None:
+            self._empty_answer_tokens = len(self._encode(empty_answer())) + 1
+        return self._empty_answer_tokens
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, allowed_special=set())
 
-    def _closing_ids(self, tokens: list[int]) -> list[int] | None:
-        """The tokens that close an answer cut after `tokens`, `<|im_end|>` included; None where it cannot be
-        closed right here (a partial character or escape, an item that has no character yet)."""
-        try:
-            prefix = b"".join(self.tokenizer.decoder[t] for t in tokens).decode("utf-8")
-        except (UnicodeDecodeError, TypeError):  # a partial character, or a special token (never under a grammar)
-            return None
-        text = closing_text(prefix)
-        return None if text is None else self._encode(text) + [self.tokenizer.im_end_id]
-
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _send(self, r: _Row) -> None:
-        """The new part of the answer's text to `on_text`, holding back a character still incomplete."""
+    def _send(self, r: _Row, upto: int | None = None) -> None:
+        """The new part of the answer's text (of its first `upto` tokens) to `on_text`, holding back a character
+        still incomplete; under the answer grammar, only up to the point it would be closed at, so that what was
+        sent is never taken back."""
         if r.request.on_text is None:
             return
-        text = self._text(r.tokens)
+        text = self._text(r.tokens[:upto])
         if text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")
         if len(text) > r.sent_chars:
+            self._deliver(r, text)
+
+    def _deliver(self, r: _Row, text: str) -> None:
+        """`text` past what on_text has had; a callback that raises stops receiving (its answer still ends)."""
+        try:
             r.request.on_text(text[r.sent_chars:])
-            r.sent_chars = len(text)
+        except Exception as e:  # a caller's callback: it must not end the other answers
+            warnings.warn(f"request {r.key!r}: on_text raised {type(e).__name__}: {one_line(e)}; no more text sent")
+            r.request.on_text = None
+        r.sent_chars = len(text)
 
     def _finish(self, r: _Row, reason: str, truncated: bool) -> Result:
         text = self._text(r.tokens)
         if r.request.on_text is not None and len(text) > r.sent_chars:
-            r.request.on_text(text[r.sent_chars:])
-            r.sent_chars = len(text)
+            self._deliver(r, text)
         r.position = -1  # marks the row free
         return Result(list(r.tokens), text, reason, truncated, len(r.request.prompt))
 
@@ -565,7 +617,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         scores = scores.clone()
         scores[index[remove]] = -math.inf
     probs = scores.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+    except RuntimeError:  # no finite logit to draw from (an overflow upstream): the best token, as greedy would
+        return int(logits.argmax())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -585,10 +640,25 @@ def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decod
         return Request(ids.input_ids, decoding, **callbacks), ids.truncated
     if vocabulary is None:
         raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
+    if ids.truncated:  # spans only from what the model reads: the dialogue as the cut prompt holds it
+        dialogue = visible_dialogue(tokenizer, ids.input_ids, instruction_chars)
 
     def build() -> AnswerGrammar:
         return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
     return Request(ids.input_ids, decoding, build, closable=True, **callbacks), ids.truncated
+
+
+def visible_dialogue(tokenizer, prompt: Sequence[int], instruction_chars: int) -> str:
+    """The dialogue a generation prompt (utils.build_chatml_ids's) holds, after its instruction: all of it, or the
+    part a cut left (a character the cut split is dropped)."""
+    from qwen1_8.qwen_generation_utils import chatml_block, text_ids
+
+    nl = text_ids(tokenizer, "\n")
+    head = len(chatml_block(tokenizer, "system", SYSTEM_PROMPT)) + len(nl) + 1 + len(text_ids(tokenizer, "user")) \
+        + len(nl)
+    tail = 1 + len(nl) + 1 + len(text_ids(tokenizer, "assistant")) + len(nl)  # <|im_end|>\n<|im_start|>assistant\n
+    content = tokenizer.decode(list(prompt[head:len(prompt) - tail]), errors="replace").rstrip("\ufffd")
+    return content[instruction_chars:]
 
 
 def reference_config(tokenizer, decoding: Decoding):

@@ -191,100 +191,128 @@ def closing_text(prefix: str) -> str | None:
     fields left empty, the fence), or None where no text can: inside an escape sequence, in a list item that has no
     character yet or ends in white space, after a separator that still needs its item, or where `prefix` leaves the
     format. The text before `<|im_end|>` only; the grammar accepts `prefix + closing_text(prefix)`."""
-    pos = 0
-    for index, key in enumerate(EXTRACT_KEYS):
-        piece = _skeleton_piece(index)
-        if len(prefix) - pos < len(piece):
-            if not piece.startswith(prefix[pos:]):
-                return None
-            return piece[len(prefix) - pos:] + _empty_value(key) + _rest(index + 1)
-        if not prefix.startswith(piece, pos):
-            return None
-        pos += len(piece)
-        if key in LIST_KEYS:
-            end, close = _scan_list(prefix, pos)
-        else:
-            end, close = _scan_string(prefix, pos, allow_empty=True)
-        if close is None:
-            return None
-        if end is None:  # the value is still open
-            return close + _rest(index + 1)
-        pos = end
-    tail = "}" + CLOSE_FENCE
-    return tail[len(prefix) - pos:] if tail.startswith(prefix[pos:]) else None
+    scanner = AnswerScanner()
+    scanner.feed(prefix)
+    return scanner.closing()
+
+
+_TAIL = "}" + CLOSE_FENCE
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
 
 
 def _empty_value(key: str) -> str:
     return "[]" if key in LIST_KEYS else '""'
 
 
-def _rest(index: int) -> str:
-    """The fields from `index` (at least 1) on, empty, then the closing brace and fence."""
-    return "".join(_skeleton_piece(i) + _empty_value(EXTRACT_KEYS[i]) for i in range(index, len(EXTRACT_KEYS))) \
-        + "}" + CLOSE_FENCE
+# the fields from index i on, empty, then the closing brace and fence (i >= 1; i == 8: the brace and fence alone)
+_REST = ["".join(_skeleton_piece(j) + _empty_value(EXTRACT_KEYS[j]) for j in range(i, len(EXTRACT_KEYS))) + _TAIL
+         for i in range(len(EXTRACT_KEYS) + 1)]
 
 
-def _scan_string(text: str, pos: int, allow_empty: bool) -> tuple[int | None, str | None]:
-    """A JSON string starting at `pos`: (index after it, "") when it is complete; (None, text that closes it) when
-    `text` ends inside it; (None, None) when it cannot be closed here (in an escape; for a list item, with no
-    character yet or after white space) or is malformed."""
-    if pos == len(text):
-        return None, ('""' if allow_empty else None)
-    if text[pos] != '"':
-        return None, None
-    i, last = pos + 1, ""  # `last`: the string's last character so far, decoded
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            return i + 1, ""
-        if ch == "\\":
-            escape = text[i + 1:i + 2]
-            if escape == "u":
-                if len(text) < i + 6:
-                    return None, None
-                step = 6
-            elif escape:
-                step = 2
+@dataclass
+class AnswerScanner:
+    """Follows an answer in the trained format as it grows, one character at a time, and says at each point how it
+    closes (`closing`): the generation engine feeds it each new token's characters, so knowing where an answer may
+    be closed costs a few operations a token, not a parse of the whole answer.
+
+    `mode` is where the answer stands: "piece" (in the fixed text before field `field`, at `pos`), "open" (a list's
+    "[" written), "item" (in a list item; `last` its last character), "after" (after an item), "comma" (", " half
+    written), "sep" (", " written), "text" (in a text field), "tail" (in the closing brace and fence, at `pos`),
+    "done", or "broken" (left the format: never under the grammar). `escape` is an escape sequence not yet
+    complete."""
+    mode: str = "piece"
+    field: int = 0
+    pos: int = 0
+    last: str = ""
+    escape: str = ""
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            self._step(ch)
+
+    def _step(self, ch: str) -> None:
+        mode = self.mode
+        if mode == "piece":
+            piece = _skeleton_piece(self.field)
+            if ch != piece[self.pos]:
+                self.mode = "broken"
+            elif self.pos + 1 < len(piece):
+                self.pos += 1
             else:
-                return None, None
-            try:
-                last = json.loads(f'"{text[i:i + step]}"')
-            except json.JSONDecodeError:
-                return None, None
-            i += step
-        else:
-            last = ch
-            i += 1
-    if allow_empty:
-        return None, '"'
-    # a list item: never empty, never ending in white space (a grounded span cannot, and it would be stripped)
-    return None, ('"' if last and not last.isspace() else None)
+                self.mode, self.pos = "value", 0
+        elif mode == "value":  # the value's first character
+            if EXTRACT_KEYS[self.field] in LIST_KEYS:
+                self.mode = "open" if ch == "[" else "broken"
+            else:
+                self.mode, self.escape = ("text", "") if ch == '"' else ("broken", "")
+        elif mode == "open":
+            if ch == "]":
+                self._next_field()
+            else:
+                self.mode, self.last, self.escape = ("item", "", "") if ch == '"' else ("broken", "", "")
+        elif mode in ("item", "text"):
+            if self.escape:
+                self.escape += ch
+                if self.escape[1] != "u" and len(self.escape) == 2:
+                    self.last, self.escape = _ESCAPES.get(ch, ""), ""
+                    if not self.last:
+                        self.mode = "broken"
+                elif len(self.escape) == 6:
+                    try:
+                        self.last = chr(int(self.escape[2:], 16))
+                    except ValueError:
+                        self.mode = "broken"
+                    self.escape = ""
+            elif ch == "\\":
+                self.escape = ch
+            elif ch == '"':
+                if mode == "text":
+                    self._next_field()
+                else:
+                    self.mode = "after"
+            else:
+                self.last = ch
+        elif mode == "after":
+            if ch == "]":
+                self._next_field()
+            else:
+                self.mode = "comma" if ch == "," else "broken"
+        elif mode == "comma":
+            self.mode = "sep" if ch == " " else "broken"
+        elif mode == "sep":
+            self.mode, self.last, self.escape = ("item", "", "") if ch == '"' else ("broken", "", "")
+        elif mode == "tail":
+            if ch != _TAIL[self.pos]:
+                self.mode = "broken"
+            elif self.pos + 1 < len(_TAIL):
+                self.pos += 1
+            else:
+                self.mode = "done"
+        else:  # done or broken: nothing may follow
+            self.mode = "broken"
 
+    def _next_field(self) -> None:
+        self.field += 1
+        self.mode, self.pos = ("piece", 0) if self.field < len(EXTRACT_KEYS) else ("tail", 0)
 
-def _scan_list(text: str, pos: int) -> tuple[int | None, str | None]:
-    """A list of strings starting at `pos`, as `_scan_string` reports a string."""
-    if pos == len(text):
-        return None, "[]"
-    if text[pos] != "[":
-        return None, None
-    i = pos + 1
-    if i == len(text):
-        return None, "]"
-    if text[i] == "]":
-        return i + 1, ""
-    while True:
-        end, close = _scan_string(text, i, allow_empty=False)
-        if end is None:
-            return None, None if close is None else close + "]"
-        if end == len(text):
-            return None, "]"
-        if text[end] == "]":
-            return end + 1, ""
-        if not text.startswith(", ", end):
-            return (None, None)
-        i = end + 2
-        if i >= len(text):
-            return None, None  # a separator that still needs its item
+    def closing(self) -> str | None:
+        """The text that closes the answer here, or None where none can."""
+        mode, rest = self.mode, _REST[min(self.field + 1, len(EXTRACT_KEYS))]
+        if mode == "piece":
+            return _skeleton_piece(self.field)[self.pos:] + _empty_value(EXTRACT_KEYS[self.field]) + rest
+        if mode == "value":
+            return _empty_value(EXTRACT_KEYS[self.field]) + rest
+        if mode in ("open", "after"):
+            return "]" + rest
+        if mode == "item":  # never empty, never ending in white space (evaluation strips items)
+            return None if self.escape or not self.last or self.last.isspace() else '"]' + rest
+        if mode == "text":
+            return None if self.escape else '"' + rest
+        if mode == "tail":
+            return _TAIL[self.pos:]
+        if mode == "done":
+            return ""
+        return None  # comma, sep: a separator that still needs its item; broken
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -42,6 +43,8 @@ from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, HelpFormatter
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 # Under a constraint an answer is closed before --max_tgt_len runs out; the empty answer alone takes 46 tokens.
 MIN_CONSTRAINED_TOKENS = 64
+# A prompt's tokens besides its user block: the system block (10), two "\n" and "<|im_start|>assistant\n" (3)
+PROMPT_OVERHEAD = 15
 # How training cut prompts: the chapter's, where a checkpoint does not record it
 TRAINING_TRUNCATION = {"max_len": 2048, "max_src_len": 1560, "truncation": "tokens"}
 
@@ -123,11 +126,15 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise SystemExit(f"--do_sample needs --temperature > 0 and 0 < --top_p <= 1, got {args.temperature} and "
                          f"{args.top_p}")
-    if args.repetition_penalty <= 0:
-        raise SystemExit(f"--repetition_penalty must be positive (1.0 = off), got {args.repetition_penalty}")
+    if not (args.repetition_penalty > 0 and math.isfinite(args.repetition_penalty)):
+        raise SystemExit(f"--repetition_penalty must be a positive number (1.0 = off), got {args.repetition_penalty}")
     fill_training_truncation(args)
     if not 0 < args.max_src_len < args.max_len:
         raise SystemExit(f"--max_src_len ({args.max_src_len}) must be positive and below --max_len ({args.max_len})")
+    context = model_context(args.model_path)
+    if args.max_src_len + PROMPT_OVERHEAD + args.max_tgt_len > context:
+        raise SystemExit(f"--max_src_len {args.max_src_len} + --max_tgt_len {args.max_tgt_len} (+ {PROMPT_OVERHEAD} "
+                         f"tokens of chat markup) exceed the model's {context}-token context; lower --max_tgt_len")
     if args.input_file is not None and not os.path.isfile(args.input_file):
         raise SystemExit(f"--input_file {args.input_file}: no such file")
     if args.input_file is not None and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
@@ -271,14 +278,31 @@ def check_model_dir_files(model_path: str) -> None:
     check_vocabulary(model_path)
 
 
+def model_context(model_path: str) -> int:
+    """The tokens a model attends over (config.json's seq_length; for an unmerged checkpoint, its base's)."""
+    path = model_path
+    try:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            path = str(read_json_object(os.path.join(model_path, "adapter_config.json"))["base_model_name_or_path"])
+        seq_length = read_json_object(os.path.join(path, "config.json")).get("seq_length", 8192)
+    except (ValueError, KeyError):  # a bad file: named by the checks that follow, file by file
+        return 8192
+    return seq_length if isinstance(seq_length, int) and seq_length > 0 else 8192
+
+
 def model_fingerprint(model_path: str) -> str:
-    """Names, sizes and modification times of the weights and config.json: a model merged again into the same
-    directory, or replaced there, gets another fingerprint (cheap: no file is read)."""
+    """Names, sizes and modification times of the weights, the adapter and config.json (for an unmerged
+    checkpoint, its base's too): a model merged again into the same directory, or replaced there, gets another
+    fingerprint (cheap: no file is read)."""
     digest = hashlib.sha256()
     for name in sorted(os.listdir(model_path)):
-        if name.endswith(".safetensors") or name == "config.json":
+        if name.endswith((".safetensors", ".bin")) or name in ("config.json", "adapter_config.json"):
             stat = os.stat(os.path.join(model_path, name))
             digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        base = read_json_object(os.path.join(model_path, "adapter_config.json")).get("base_model_name_or_path")
+        if isinstance(base, str) and os.path.isdir(base):
+            digest.update(f"base\0{model_fingerprint(base)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -349,6 +373,12 @@ def read_examples(path: str) -> list[Example]:
         instruction = record.get("instruction", INSTRUCTION)
         if not isinstance(instruction, str):
             raise ValueError(f"{path}:{lineno}: field 'instruction' is not a string")
+        for name, text in (("input", dialogue), ("instruction", instruction)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800": half of a surrogate pair is no character
+                raise ValueError(f"{path}:{lineno}: field '{name}' holds a lone surrogate ({text[e.start]!r} at "
+                                 f"character {e.start + 1}), which is not text") from None
         output = record.get("output")
         examples.append(Example(lineno - 1, instruction + dialogue, len(instruction),
                                 output if isinstance(output, str) else None))

@@ -98,6 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retry_base_delay must be 0 or more, got {args.retry_base_delay}")
     if args.max_tokens < 1:
         parser.error(f"--max_tokens must be at least 1, got {args.max_tokens}")
+    if args.json_mode and args.constraint != "none":
+        parser.error("--json_mode and --constraint both ask for structured output; a server takes one: give one")
     if args.base_url and not is_http_url(args.base_url):  # not echoed: a URL may carry user:password@
         parser.error("--base_url (or $OPENAI_BASE_URL): not an http:// or https:// URL with a host and a valid port")
     if args.input_file is not None and not os.path.isfile(args.input_file):
@@ -427,8 +429,11 @@ class GrammarChecker:
         from grammar import AnswerGrammar
 
         with self.lock:
-            matcher = AnswerGrammar(self.vocabulary, ebnf).matcher
-            return bool(matcher.accept_string(answer)) and matcher.is_completed()
+            try:
+                matcher = AnswerGrammar(self.vocabulary, ebnf).matcher
+                return bool(matcher.accept_string(answer)) and matcher.is_completed()
+            except (RuntimeError, ValueError):  # xgrammar refused the grammar or the text: it is not followed
+                return False
 
 
 def show(text: str | None) -> None:

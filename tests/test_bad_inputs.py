@@ -184,6 +184,11 @@ def deep_line(d: Path, name: str) -> str:
     return str(d / name)
 
 
+def surrogate_line(d: Path, name: str) -> str:
+    (d / name).write_text('{"input": "医生: 你好\\ud800\\n"}\n', encoding="utf-8")  # JSON's escape: valid JSON
+    return str(d / name)
+
+
 def reordered_train(d: Path, s: Shared) -> str:
     lines = Path(s.train).read_text(encoding="utf-8").splitlines(keepends=True)
     (d / "train.json").write_text("".join(reversed(lines)), encoding="utf-8")
@@ -301,6 +306,15 @@ CASES = {
         "predict.py", predict(s, d, output=s.gold), ["--output_file", "is the --input_file", "another --output_file"]),
     "predict input line nested 1000 deep": lambda d, s: Case(
         "predict.py", predict(s, d, input_file=deep_line(d, "in.jsonl")), ["in.jsonl:1", "nested too deeply"]),
+    "predict input line with a lone surrogate": lambda d, s: Case(
+        "predict.py", predict(s, d, input_file=surrogate_line(d, "in.jsonl")),
+        ["in.jsonl:1", "field 'input'", "lone surrogate"]),
+    "predict max_tgt_len past the context": lambda d, s: Case(
+        "predict.py", predict(s, d, "--max_tgt_len", "8000"), ["--max_tgt_len 8000", "8192-token context"]),
+    "predict repetition_penalty nan": lambda d, s: Case(
+        "predict.py", predict(s, d, "--repetition_penalty", "nan"), ["--repetition_penalty", "positive number"]),
+    "predict max_tgt_len too short for the constraint": lambda d, s: Case(
+        "predict.py", predict(s, d, "--max_tgt_len", "20"), ["--max_tgt_len 20", "--constraint grounded"]),
     "predict truncated weights": lambda d, s: Case("predict.py", predict(s, d, model=model_copy(
         d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))})),
         ["model.safetensors", "truncated"]),
@@ -340,6 +354,11 @@ CASES = {
         "test_openai.py", openai_flags(s, d, input_file=deep_line(d, "in.jsonl")), ["in.jsonl:1", "nested too deeply"]),
     "test_openai base_url with a bad port": lambda d, s: Case(
         "test_openai.py", openai_flags(s, d)[:-6] + ["--base_url", "http://[::1"], ["--base_url"]),
+    "test_openai input line with a lone surrogate": lambda d, s: Case(
+        "test_openai.py", openai_flags(s, d, input_file=surrogate_line(d, "in.jsonl")), ["in.jsonl:1", "surrogate"]),
+    "test_openai json_mode with a constraint": lambda d, s: Case(
+        "test_openai.py", openai_flags(s, d) + ["--json_mode", "--constraint", "grounded"],
+        ["--json_mode", "--constraint"]),
     "test_openai no API key": lambda d, s: unset_key(Case("test_openai.py", openai_flags(s, d), ["OPENAI_API_KEY"])),
 
     # merge_params.py: the output folder, then the adapter, the base and the run directory

@@ -227,3 +227,50 @@ def test_cuda_graph_steps_equal_eager_steps_on_a_gpu(tiny_ckpt, tokenizer):
     eager = Engine(gpu_model, tokenizer, 3, cuda_graphs=False).generate(requests)
     graphed = Engine(gpu_model, tokenizer, 3, cuda_graphs=True).generate(requests)
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+
+
+def test_a_run_of_tokens_that_never_ends_a_character_is_rolled_back_and_closed(model, tokenizer, vocabulary,
+                                                                              monkeypatch):
+    """Qwen has tokens that start with the tail of one UTF-8 character and end inside the next (b"\\x92\\xe1\\x9e"):
+    repeated, they leave no point where the answer could be closed. A model that prefers them gets its answer
+    rolled back to the last point that could be closed within the budget, and closed there: valid, within budget."""
+    rank = tokenizer.mergeable_ranks
+    opener, chain = rank[b"\xe1\x9e"], rank[b"\x92\xe1\x9e"]
+    engine = Engine(model, tokenizer, 2, vocabulary)
+    real = engine._forward
+
+    def prefers_broken_characters(tokens, positions, width):
+        logits = real(tokens, positions, width)
+        logits[:, opener] += 1000.0
+        logits[:, chain] += 2000.0
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", prefers_broken_characters)
+    chunks = []
+    requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=budget), "grounded",
+                                   vocabulary, on_text=chunks.append if budget == 120 else None)[0]
+                for d, budget in zip(DIALOGUES[:2], (120, 200))]
+    results = engine.generate(requests)
+    for dialogue, request, result in zip(DIALOGUES, requests, results):
+        fields = check_answer(result, dialogue, request.decoding.max_new_tokens)
+        assert result.truncated and "\u1792" not in result.text  # the run (ធធធ…) was dropped whole
+    assert "".join(chunks) == results[0].text  # what was streamed was never taken back
+
+
+def test_under_a_cut_prompt_spans_come_from_what_the_model_reads(tokenizer, vocabulary):
+    from generation import visible_dialogue
+    from utils import format_output
+
+    dialogue = "医生: 你好，哪里不舒服？\n患者: 咳嗽三天。\n" * 20 + "患者: 吃了阿莫西林。\n"
+    request, cut = extraction_request(tokenizer, INSTRUCTION + dialogue, dialogue, Decoding(max_new_tokens=100),
+                                      "grounded", vocabulary, max_src_len=400, instruction_chars=len(INSTRUCTION))
+    seen = visible_dialogue(tokenizer, request.prompt, len(INSTRUCTION))
+    assert cut and dialogue.startswith(seen) and "阿莫西林" not in seen
+
+    def accepted(item):
+        g = request.grammar()
+        answer = format_output({"药品名称": [item], "药物类别": [], "医疗检查": [], "医疗操作": [], "现病史": "",
+                                "辅助检查": "", "诊断结果": "", "医疗建议": ""})
+        return all(g.accept(t) for t in tokenizer.encode(answer, allowed_special=set()))
+
+    assert accepted("咳嗽三天") and not accepted("阿莫西林")  # in the dialogue, but after the cut
