@@ -19,7 +19,8 @@ import codecs
 import math
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -84,6 +85,7 @@ class _Row:
     seen: torch.Tensor  # token ids the repetition penalty weighs on (prompt and answer; repeats are harmless)
     matcher: Any = None
     generator: torch.Generator | None = None
+    pending: Callable[[], Any] | None = None  # builds the matcher: resolved before the row's first step
     tokens: list[int] = field(default_factory=list)
     sent_chars: int = 0  # how much of the text on_text has received
     # under the answer grammar: where the answer stands, its characters so far (a token may end inside one), and
@@ -211,17 +213,32 @@ class Engine:
 
     def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Result]]:
         """(index in `requests`, result) as each answer ends. The queue is sorted longest prompt first, which keeps
-        the cache small (it is sized by the first, longest, prompts) and fails at once if memory is short."""
+        the cache small (it is sized by the first, longest, prompts) and fails at once if memory is short. The
+        grammars of the next `max_batch_size` requests are compiled ahead on a second thread (xgrammar releases the
+        interpreter meanwhile), so compiling overlaps decoding instead of stalling every row at each admission."""
         order = deque(sorted(range(len(requests)), key=lambda i: (-len(requests[i].prompt), i)))
         capacity = max((r.slots() for r in requests), default=1)
+        ahead = deque(i for i in order if requests[i].grammar is not None)
+        compiled: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar") as pool:
+            def prefetch() -> None:
+                while ahead and len(compiled) < self.max_batch_size:
+                    index = ahead.popleft()
+                    compiled[index] = pool.submit(requests[index].grammar)
 
-        def pull(block: bool):
-            if not order:
-                return None
-            index = order.popleft()
-            return index, requests[index]
+            def pull(block: bool):
+                if not order:
+                    return None
+                index = order.popleft()
+                request = requests[index]
+                if request.grammar is not None:
+                    prefetch()
+                    request = replace(request, grammar=compiled.pop(index).result)
+                    prefetch()
+                return index, request
 
-        return self.run(pull, capacity)
+            prefetch()
+            yield from self.run(pull, capacity)
 
     def run(self, pull: Callable[[bool], tuple[Any, Request] | None], capacity: int) -> Iterator[tuple[Any, Result]]:
         """The loop: admit `(key, request)` pairs from `pull` while rows are free (`pull(True)` may wait for one when
@@ -249,6 +266,12 @@ class Engine:
                         yield key, Result([], str(e), "error", False, len(request.prompt))
                 if not rows:
                     return
+                failed = self._resolve_grammars(rows)
+                for index, result in failed:
+                    yield rows[index].key, result
+                if failed:  # their rows go to the next requests before any step
+                    self._compact(rows)
+                    continue
                 for index, result in self._step(rows):
                     yield rows[index].key, result
                 self._compact(rows)
@@ -302,17 +325,29 @@ class Engine:
         if request.closable and decoding.max_new_tokens < self.empty_answer_tokens():
             raise ValueError(f"max_new_tokens {decoding.max_new_tokens} is below the {self.empty_answer_tokens()} "
                              f"tokens an answer under the answer grammar takes at the least (every field empty)")
-        matcher = request.grammar() if request.grammar is not None else None
         seen = torch.tensor(sorted(set(prompt)), device=self.device)
         if self._seen is not None:
             self._seen[row].zero_()
             self._seen[row, seen] = True
-        row_state = _Row(key, request, len(body), prompt[-1], seen, matcher, generator)
+        row_state = _Row(key, request, len(body), prompt[-1], seen, None, generator, pending=request.grammar)
         if request.closable:
             row_state.scanner = AnswerScanner()
             row_state.decoder = codecs.getincrementaldecoder("utf-8")()
             row_state.fallback = (0, AnswerScanner(), None)
         return row_state
+
+    def _resolve_grammars(self, rows: list[_Row]) -> list[tuple[int, Result]]:
+        """Matchers for the rows just admitted, built only now, after every prefill, so that grammars compiled on
+        `stream`'s second thread had the prefills' time to finish; (row index, error result) where one fails."""
+        failed = []
+        for i, r in enumerate(rows):
+            if r.pending is not None:
+                try:
+                    r.matcher = r.pending()
+                except (ValueError, RuntimeError) as e:  # this request's grammar alone (a client's, say)
+                    failed.append((i, self._failed(r, one_line(e))))
+                r.pending = None
+        return failed
 
     # ---- one decoding step ----------------------------------------------------------------------------------
 
