@@ -11,7 +11,7 @@ import grammar
 import predict
 from generation import (Decoding, Engine, Request, _PrefillView, common_prefix_len, extraction_request,
                         reference_config)
-from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, format_output
 
 DIALOGUES = [
     "医生: 你好，孩子哪里不舒服？\n患者: 咳嗽三天了，晚上咳得厉害，有痰。\n医生: 发烧吗？\n患者: 不发烧。\n",
@@ -274,3 +274,22 @@ def test_under_a_cut_prompt_spans_come_from_what_the_model_reads(tokenizer, voca
         return all(g.accept(t) for t in tokenizer.encode(answer, allowed_special=set()))
 
     assert accepted("咳嗽三天") and not accepted("阿莫西林")  # in the dialogue, but after the cut
+
+
+def test_the_best_allowed_token_is_the_masked_argmax(model, tokenizer, vocabulary):
+    """The CPU's greedy shortcut (the best of the ids the bitmask allows) picks what masking the row and taking its
+    argmax picks, ties included, at every point of an answer: inside spans, text fields and the fixed text."""
+    import xgrammar as xgr
+
+    engine = Engine(model, tokenizer, 2, vocabulary)
+    answer = {"药品名称": ["蒙脱石散", "益生菌"], "药物类别": [], "医疗检查": ["大便常规"], "医疗操作": [],
+              "现病史": "腹泻两天", "辅助检查": "", "诊断结果": "腹泻", "医疗建议": "补液"}
+    g = grammar.AnswerGrammar.for_dialogue(vocabulary, DIALOGUES[2])
+    generator = torch.Generator().manual_seed(0)
+    for token in tokenizer.encode(format_output(answer), allowed_special=set()):
+        g.fill(engine._bitmask_rows(), 0)
+        logits = torch.randint(0, 4, (1, model.config.vocab_size), generator=generator).float()  # many ties
+        masked = logits.clone()
+        xgr.apply_token_bitmask_inplace(masked, engine._bitmask_rows()[:1])
+        assert engine._best_allowed(logits[0], 0) == int(masked[0].argmax())
+        assert g.accept(token)
