@@ -29,6 +29,7 @@ import json
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -384,8 +385,9 @@ def chat_request(engine: Engine, settings: ServiceSettings, call: ChatCall) -> R
         elif call.grammar is not None:
             try:
                 grammar = check_ebnf(engine.vocabulary, call.grammar)
-            except ValueError as e:
-                raise APIError(400, f"structured_outputs.grammar: {e}", "structured_outputs.grammar",
+            except ValueError as e:  # xgrammar's reason, without its time stamp and source line
+                reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e))
+                raise APIError(400, f"structured_outputs.grammar: {reason}", "structured_outputs.grammar",
                                "invalid_grammar") from None
             request = replace(request, grammar=lambda: grammar)
     check_fits(engine, settings, request)
