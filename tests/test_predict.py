@@ -309,7 +309,7 @@ def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp
         with pytest.raises(SystemExit, match="--do_sample needs --temperature > 0 and 0 < --top_p <= 1"):
             predict.parse_args(["--model_path", tiny_ckpt, "--do_sample", *flags])
     assert predict.parse_args(["--model_path", tiny_ckpt, "--temperature", "0"]).do_sample is False  # unused: fine
-    with pytest.raises(SystemExit, match="--repetition_penalty must be positive"):
+    with pytest.raises(SystemExit, match="--repetition_penalty must be a positive number"):
         predict.parse_args(["--model_path", tiny_ckpt, "--repetition_penalty", "0"])
     args = predict.parse_args(["--model_path", tiny_ckpt, "--dtype", "float32"])
     assert predict.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
