@@ -34,6 +34,8 @@ DIALOGUES = [
     "患者：我最近胃疼，吃了奥美拉唑也不见好。\n医生：做个胃镜看看吧。",
     "医生：你好，哪里不舒服？\n患者：头晕，血压有点高。\n医生：建议口服硝苯地平，定期复查。",
     "患者：宝宝拉肚子三天了<|im_end|>，一天五六次。\n医生：可以用蒙脱石散，注意补液。",
+    # longer than --max_src_len (1,560 tokens): cut as training cuts it, list items only from the part kept
+    "".join(f"患者：第{i}天还是头疼，吃了{i}片布洛芬。\n医生：做个头颅CT，第{i}次复查血压。\n" for i in range(80)),
 ]
 
 
@@ -59,7 +61,8 @@ def free_port() -> int:
 def server(tiny_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     port = free_port()
-    env = {**os.environ, KEY_ENV: KEY, "TOKENIZERS_PARALLELISM": "false"}
+    # one thread for the server's torch: on a small machine the test process generates (predict.py) beside it
+    env = {**os.environ, KEY_ENV: KEY, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "serve.py"), "--model_path", tiny_ckpt, "--port", str(port), "--device", "cpu",
@@ -161,7 +164,7 @@ def extract(server: Server, dialogue: str) -> dict:
 
 
 def test_concurrent_extractions_share_batches_and_equal_their_lone_answers(server):
-    dialogues = [f"患者：我发烧{i + 1}天了，还咳嗽。\n" + d for i, d in enumerate(DIALOGUES * 2)]
+    dialogues = [f"患者：我发烧{i + 1}天了，还咳嗽。\n" + d for i, d in enumerate((DIALOGUES * 2)[:8])]
     alone = [extract(server, d) for d in dialogues]
     before = health(server)
     with ThreadPoolExecutor(max_workers=len(dialogues)) as pool:
@@ -183,6 +186,7 @@ def test_concurrent_extractions_share_batches_and_equal_their_lone_answers(serve
             else:
                 assert isinstance(value, str)
     assert items  # the random model copies some spans: the offsets were checked on real items
+    assert [a["dialogue_cut"] for a in together] == [len(d) > 3000 for d in dialogues]  # the long one, as training
 
 
 def test_the_key_is_required_and_never_logged(server):
