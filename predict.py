@@ -53,6 +53,22 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
                      output_file: str = "predictions.jsonl") -> argparse.ArgumentParser:
     """The flags of predict.py; test_qwen.py uses the same ones with its own defaults."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_arguments(parser, model_path)
+    add_generation_arguments(parser)
+
+    io = parser.add_argument_group("batch mode")
+    io.add_argument("--input_file", type=str, default=None,
+                    help="JSON Lines with {instruction, input[, output]} per line (data_helper's test.json) or just "
+                         "{input}; without it the script is interactive")
+    io.add_argument("--output_file", type=str, default=output_file,
+                    help="predictions, one JSON line per input; ids already in it are skipped (resume)")
+    io.add_argument("--batch_size", type=int, default=8,
+                    help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
+    return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH) -> None:
+    """--model_path, --device, --dtype: predict.py's, test_qwen.py's and serve.py's."""
     model = parser.add_argument_group("model")
     model.add_argument("--model_path", type=str, default=model_path,
                        help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a "
@@ -63,12 +79,18 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
                        help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
                             "fp32 on the CPU")
 
+
+def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool = True,
+                             max_tgt_len_help: str = "most new tokens generated per answer") -> None:
+    """The decoding and prompt-length flags; serve.py takes them as the defaults of its requests and has no
+    --constraint (a request says which grammar it wants)."""
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max_tgt_len", type=int, default=512, help="most new tokens generated per answer")
-    gen.add_argument("--constraint", choices=CONSTRAINTS, default="grounded",
-                     help="grounded: every answer is the trained JSON format with each list item copied verbatim "
-                          "from the dialogue, closed if --max_tgt_len cuts it; schema: the format, list items any "
-                          "text (for labels that are not verbatim); none: free generation, the chapter's way")
+    gen.add_argument("--max_tgt_len", type=int, default=512, help=max_tgt_len_help)
+    if constraint:
+        gen.add_argument("--constraint", choices=CONSTRAINTS, default="grounded",
+                         help="grounded: every answer is the trained JSON format with each list item copied verbatim "
+                              "from the dialogue, closed if --max_tgt_len cuts it; schema: the format, list items any "
+                              "text (for labels that are not verbatim); none: free generation, the chapter's way")
     gen.add_argument("--do_sample", action="store_true",
                      help="sample with --top_p/--temperature instead of greedy decoding (greedy is reproducible)")
     gen.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (only with --do_sample)")
@@ -85,16 +107,6 @@ def build_arg_parser(description: str = __doc__, model_path: str = DEFAULT_MODEL
     gen.add_argument("--truncation", choices=TRUNCATIONS, default=None,
                      help="the training --truncation (tokens: keep a long dialogue's first tokens; turns: its leading "
                           "whole turns). Default: from train_args.json as --max_len, else tokens")
-
-    io = parser.add_argument_group("batch mode")
-    io.add_argument("--input_file", type=str, default=None,
-                    help="JSON Lines with {instruction, input[, output]} per line (data_helper's test.json) or just "
-                         "{input}; without it the script is interactive")
-    io.add_argument("--output_file", type=str, default=output_file,
-                    help="predictions, one JSON line per input; ids already in it are skipped (resume)")
-    io.add_argument("--batch_size", type=int, default=8,
-                    help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -116,10 +128,21 @@ def check_args(args: argparse.Namespace, prog: str = "predict.py") -> None:
 def check_flags(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_generation_flags(args, args.constraint)
+    if args.input_file is not None and not os.path.isfile(args.input_file):
+        raise SystemExit(f"--input_file {args.input_file}: no such file")
+    if args.input_file is not None and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
+        raise SystemExit(f"--output_file {args.output_file} is the --input_file: the predictions would be appended "
+                         f"to the dialogues; give another --output_file")
+
+
+def check_generation_flags(args: argparse.Namespace, constraint: str) -> None:
+    """The model and generation flags (add_model_arguments, add_generation_arguments), for answers generated under
+    `constraint`; fills the training truncation."""
     if args.max_tgt_len < 1:
         raise SystemExit(f"--max_tgt_len must be at least 1, got {args.max_tgt_len}")
-    if args.constraint != "none" and args.max_tgt_len < MIN_CONSTRAINED_TOKENS:
-        raise SystemExit(f"--max_tgt_len {args.max_tgt_len} is too short for --constraint {args.constraint}: the "
+    if constraint != "none" and args.max_tgt_len < MIN_CONSTRAINED_TOKENS:
+        raise SystemExit(f"--max_tgt_len {args.max_tgt_len} is too short for --constraint {constraint}: the "
                          f"empty answer alone takes 46 tokens; give at least {MIN_CONSTRAINED_TOKENS}, or "
                          f"--constraint none")
     check_model_path(args.model_path)
@@ -135,11 +158,6 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.max_src_len + PROMPT_OVERHEAD + args.max_tgt_len > context:
         raise SystemExit(f"--max_src_len {args.max_src_len} + --max_tgt_len {args.max_tgt_len} (+ {PROMPT_OVERHEAD} "
                          f"tokens of chat markup) exceed the model's {context}-token context; lower --max_tgt_len")
-    if args.input_file is not None and not os.path.isfile(args.input_file):
-        raise SystemExit(f"--input_file {args.input_file}: no such file")
-    if args.input_file is not None and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
-        raise SystemExit(f"--output_file {args.output_file} is the --input_file: the predictions would be appended "
-                         f"to the dialogues; give another --output_file")
 
 
 def check_model_path(path: str) -> None:
@@ -226,9 +244,15 @@ def prepare(args: argparse.Namespace, prog: str) -> Engine:
     silence_library_deprecations()
     set_random_seed(args.seed)
     device = check_inputs(args, prog)
+    return load_engine(args, device, args.batch_size, args.constraint != "none", prog)
+
+
+def load_engine(args: argparse.Namespace, device: torch.device, batch_size: int, grammar: bool, prog: str) -> Engine:
+    """The model and tokenizer of --model_path on `device` in --dtype, in an engine of `batch_size` rows, with the
+    grammar vocabulary when answers are to follow a grammar."""
     model, tokenizer = load_model(args.model_path, device, resolve_dtype(args.dtype, device), prog)
-    vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
-    return Engine(model, tokenizer, args.batch_size, vocabulary)
+    vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if grammar else None
+    return Engine(model, tokenizer, batch_size, vocabulary)
 
 
 def decoding_from_args(args: argparse.Namespace) -> Decoding:

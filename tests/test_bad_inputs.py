@@ -361,6 +361,26 @@ CASES = {
         ["--json_mode", "--constraint"]),
     "test_openai no API key": lambda d, s: unset_key(Case("test_openai.py", openai_flags(s, d), ["OPENAI_API_KEY"])),
 
+    # serve.py: its flags, the model directory and the key's variable, before anything loads or listens
+    "serve no such model_path": lambda d, s: Case("serve.py", ["--model_path", str(d / "nowhere"), "--device", "cpu"],
+                                                  ["--model_path", "no such directory"]),
+    "serve port out of range": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--port", "70000"],
+                                                 ["--port", "70000"]),
+    "serve api_key_env unset": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--api_key_env",
+                                                              "SERVE_SWEEP_KEY"], ["--api_key_env SERVE_SWEEP_KEY",
+                                                                                   "not set"],
+                                                 unset=["SERVE_SWEEP_KEY"]),
+    "serve api_key_env empty": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--api_key_env",
+                                                              "SERVE_SWEEP_KEY"], ["--api_key_env", "empty"],
+                                                 env={"SERVE_SWEEP_KEY": " "}),
+    "serve max_batch_size zero": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--max_batch_size", "0"],
+                                                   ["--max_batch_size"]),
+    "serve max_tgt_len too short for extraction": lambda d, s: Case(
+        "serve.py", ["--model_path", s.tiny, "--max_tgt_len", "20"], ["--max_tgt_len 20"]),
+    "serve truncated weights": lambda d, s: Case("serve.py", ["--model_path", model_copy(
+        d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))}),
+        "--device", "cpu"], ["model.safetensors", "truncated"]),
+
     # merge_params.py: the output folder, then the adapter, the base and the run directory
     "merge save_model_dir is a file": lambda d, s: Case("merge_params.py", merge(s, d, save=a_file(d)),
                                                         ["--save_model_dir", "is a file"]),

@@ -1,0 +1,112 @@
+"""Serve the fine-tuned (merged) model over HTTP: OpenAI's chat-completions API, an extraction endpoint and a page.
+
+    python serve.py --model_path output_dir_qlora/merged              # http://127.0.0.1:8000
+    OPENAI_API_KEY=... python serve.py --model_path output_dir_qlora/merged --api_key_env OPENAI_API_KEY
+
+The model is loaded once; service.py has the endpoints:
+
+- GET  /v1/models: the served name (the model directory's name unless --served_model_name);
+- POST /v1/chat/completions: OpenAI's request and response (stream: true as server-sent events), the prompt laid
+  out and cut as training does; max_tokens, temperature (0 or absent: greedy, as predict.py), top_p, seed, vLLM's
+  repetition_penalty (default --repetition_penalty), response_format json_object (the trained format) and vLLM's
+  structured_outputs {"grammar": EBNF}, so `test_openai.py --base_url http://127.0.0.1:8000/v1` scores this server
+  as it scores vLLM;
+- POST /v1/extract {"dialogue": ...}: the 8 fields under the grounded grammar, each list item with its character
+  offsets in the dialogue;
+- GET /health, and GET /: a page to paste a dialogue into and see the fields, highlighted in it.
+
+Requests that arrive together are generated together, up to --max_batch_size; it listens on 127.0.0.1 unless --host
+says otherwise, and with --api_key_env every /v1 request needs `Authorization: Bearer <key>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from predict import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, add_generation_arguments, add_model_arguments,
+                     check_generation_flags, check_model_dir_files, decoding_from_args, load_engine)
+from utils import HelpFormatter, resolve_device, set_random_seed, silence_library_deprecations
+
+MIN_BODY_BYTES = 4096
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_arguments(parser, DEFAULT_MODEL_PATH)
+    add_generation_arguments(parser, constraint=False,
+                             max_tgt_len_help="most new tokens per answer: the default max_tokens of a request, and "
+                                              "with --max_src_len what the cache holds per request")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", type=str, default="127.0.0.1",
+                        help="address to listen on; 127.0.0.1 keeps it to this machine (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    server.add_argument("--api_key_env", type=str, default=None,
+                        help="name of an environment variable holding the API key every /v1 request must send as "
+                             "'Authorization: Bearer <key>' (the key itself is never a flag, never logged)")
+    server.add_argument("--max_batch_size", type=int, default=8, help="answers generated together at most")
+    server.add_argument("--served_model_name", type=str, default=None,
+                        help="the model's name in the API (default: the --model_path directory's name)")
+    server.add_argument("--max_body_bytes", type=int, default=1_000_000,
+                        help="largest request body taken; a larger one gets HTTP 413")
+    args = parser.parse_args(argv)
+    try:
+        check_flags(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            parser.error(e.code)
+        raise
+    return args
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise SystemExit(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_batch_size < 1:
+        raise SystemExit(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
+    if args.max_body_bytes < MIN_BODY_BYTES:
+        raise SystemExit(f"--max_body_bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise SystemExit("--served_model_name is empty")
+    if args.api_key_env is not None and not os.environ.get(args.api_key_env, "").strip():
+        raise SystemExit(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty; export "
+                         f"the API key there first")
+    check_generation_flags(args, "grounded")  # /v1/extract answers under the grounded grammar
+
+
+def served_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.model_path)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    silence_library_deprecations()
+    set_random_seed(args.seed)
+    try:
+        device = resolve_device(args.device)
+        check_model_dir_files(args.model_path)
+    except ValueError as e:
+        raise SystemExit(f"serve.py: error: {e}") from None
+    import uvicorn
+
+    from service import ServiceSettings, create_app
+
+    engine = load_engine(args, device, args.max_batch_size, True, "serve.py")
+    api_key = os.environ[args.api_key_env].strip() if args.api_key_env else None
+    settings = ServiceSettings(served_model_name=served_name(args), decoding=decoding_from_args(args),
+                               max_len=args.max_len, max_src_len=args.max_src_len, truncation=args.truncation,
+                               capacity=args.max_src_len + PROMPT_OVERHEAD + args.max_tgt_len,
+                               max_body_bytes=args.max_body_bytes, api_key=api_key)
+    print(f"serving {settings.served_model_name} on http://{args.host}:{args.port} | {device} | batch "
+          f"{args.max_batch_size} | {settings.capacity} tokens per request"
+          + (f" | API key from ${args.api_key_env}" if api_key else " | no API key"), flush=True)
+    try:
+        uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+    except OSError as e:  # the port is taken, the address is not this machine's
+        raise SystemExit(f"serve.py: error: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
