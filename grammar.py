@@ -56,14 +56,17 @@ def _skeleton_piece(index: int) -> str:
 # itself; those as \" \\ \n \r \t \b \f, and the other control characters as \u00XX (lower-case hex). A list
 # item under `schema` starts and ends with a character that is not white space (str.isspace), as a
 # grounded span does: evaluation strips items, so " " would be an empty item. Written as runs of a character class
-# (not a repetition of alternatives), which xgrammar masks in microseconds, not 50 ms.
+# (not a repetition of alternatives), which xgrammar masks in microseconds, not 50 ms. A text field's rule loops by
+# calling itself after an escape, so the run of ordinary characters is one place of the grammar, not two: xgrammar
+# precomputes a mask over all ~150,000 tokens for each place, so this spares one (11 of 37 ms per grounded compile).
 _STRING_RULES = r'''
-text ::= "\"" body "\""
-body ::= [^"\\\x00-\x1f]* ("\\" escape [^"\\\x00-\x1f]*)*
+text ::= "\"" rest
+rest ::= [^"\\\x00-\x1f]* ("\"" | "\\" escape rest)
 escape ::= ["\\nrtbf] | "u00" ("0" [0-7bef] | "1" [0-9a-f])
 '''
 _SCHEMA_ITEM_RULES = r'''
 item ::= "\"" edge (body edge)? "\""
+body ::= [^"\\\x00-\x1f]* ("\\" escape [^"\\\x00-\x1f]*)*
 edge ::= [^"\\\x00-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000] | "\\" ["\\b] | "\\u00" ("0" [0-7ef] | "1" [0-9ab])
 '''
 
