@@ -477,8 +477,11 @@ class Engine:
 
     def _best_allowed(self, logits: torch.Tensor, row: int) -> int:
         """The allowed token with the highest logit (the lowest id among equals, as argmax over the masked row)."""
-        bits = np.unpackbits(self._bitmask[row].numpy().view(np.uint8), bitorder="little")[:self.vocab_size]
-        allowed = torch.from_numpy(np.flatnonzero(bits))
+        words = self._bitmask[row].numpy()  # bit j of word w allows token 32 w + j
+        used = np.flatnonzero(words)  # inside a span or the fixed text, a few words of 4,748
+        bits = np.unpackbits(words[used].view(np.uint8), bitorder="little").reshape(len(used), 32)
+        ids = (used[:, None] * 32 + np.arange(32))[bits.astype(bool)]
+        allowed = torch.from_numpy(ids[ids < self.vocab_size])
         if not len(allowed):  # a mask that allows nothing: the grammar then rejects the token, failing this answer
             return int(logits.argmax())
         return int(allowed[logits[allowed].argmax()])

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "SERVE_TEST_API_KEY"
 KEY = "sk-serve-test-5e0c2b7a91"
 MAX_TOKENS = 64
+SERVED_NAME = "qwen-med-test"  # --served_model_name (the model directory's name by default)
 DIALOGUES = [
     "患者：孩子发烧两天了，咳嗽。\n医生：可以吃点布洛芬，多喝水。\n患者：需要验血吗？\n医生：先做个血常规。",
     "患者：我最近胃疼，吃了奥美拉唑也不见好。\n医生：做个胃镜看看吧。",
@@ -66,9 +67,10 @@ def server(tiny_ckpt, tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "serve.py"), "--model_path", tiny_ckpt, "--port", str(port), "--device", "cpu",
-             "--max_tgt_len", str(MAX_TOKENS), "--max_batch_size", "8", "--api_key_env", KEY_ENV],
+             "--max_tgt_len", str(MAX_TOKENS), "--max_batch_size", "8", "--api_key_env", KEY_ENV,
+             "--served_model_name", SERVED_NAME],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = Server(port, log, process, os.path.basename(tiny_ckpt))
+    server = Server(port, log, process, SERVED_NAME)
     deadline = time.monotonic() + 120
     while True:
         assert process.poll() is None, log.read_text(errors="replace")
@@ -189,7 +191,7 @@ def test_concurrent_extractions_share_batches_and_equal_their_lone_answers(serve
     assert [a["dialogue_cut"] for a in together] == [len(d) > 3000 for d in dialogues]  # the long one, as training
 
 
-def test_the_key_is_required_and_never_logged(server):
+def test_the_key_is_required_and_never_logged(server, tiny_ckpt):
     chat = {"model": server.name, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
     for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat),
                                ("POST", "/v1/extract", {"dialogue": DIALOGUES[1]})):
@@ -200,6 +202,9 @@ def test_the_key_is_required_and_never_logged(server):
         assert status == 200, (path, answer)
     status, models = call(server, "GET", "/v1/models")
     assert [m["id"] for m in models["data"]] == [server.name]
+    assert call(server, "GET", f"/v1/models/{server.name}")[1]["id"] == server.name
+    # with --served_model_name, the directory's name is not served
+    assert call(server, "GET", f"/v1/models/{os.path.basename(tiny_ckpt)}")[0] == 404
     assert call(server, "GET", "/health", key=None)[0] == 200  # no key needed to see that it lives
     assert KEY not in server.log.read_text(errors="replace")
 
