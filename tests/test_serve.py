@@ -1,8 +1,8 @@
 """serve.py as a user runs it: a real server process on 127.0.0.1 with the tiny random model, real clients.
 
-The `openai` client (through test_openai.py) gets exactly predict.py's batch answers, with and without the grounded
-grammar; streamed chunks join into the answer; concurrent extractions share batches and equal their lone answers,
-every offset pointing at its span; the key is asked for and never logged; every malformed request gets a 4xx in
+The `openai` client (through test_openai.py) gets exactly predict.py's batch answers, under the grounded or the
+schema grammar or none; streamed chunks join into the answer; concurrent extractions share batches and equal their
+lone answers, every offset pointing at its span; the key is asked for and never logged; every malformed request gets a 4xx in
 OpenAI's error format and the server lives on; a client that leaves stops its answer; the page works in headless
 Chromium, checked on its DOM.
 """
@@ -119,7 +119,7 @@ def outputs(path: Path) -> dict:
     return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
-@pytest.mark.parametrize("constraint", ["grounded", "none"])
+@pytest.mark.parametrize("constraint", ["grounded", "schema", "none"])
 def test_the_openai_client_gets_predict_py_answers(server, tiny_ckpt, tmp_path, monkeypatch, constraint):
     source = write_input(tmp_path / "in.json", DIALOGUES)
     predict.main(["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", source, "--output_file",
