@@ -331,7 +331,7 @@ def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
             key = row.get_attribute("data-field")
             cell = row.find_element(By.TAG_NAME, "td")
             if key in LIST_KEYS:
-                shown = [s.text.rstrip("；") for s in cell.find_elements(By.CLASS_NAME, "item")]
+                shown = [s.get_property("textContent") for s in cell.find_elements(By.CLASS_NAME, "item")]
                 assert shown == [item["text"] for item in expected[key]]
             else:
                 assert cell.text == expected[key].strip()
