@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from typing import Sequence
 
@@ -73,6 +74,18 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SystemExit(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty; export "
                          f"the API key there first")
     check_generation_flags(args, "grounded")  # /v1/extract answers under the grounded grammar
+    check_address(args.host, args.port)
+
+
+def check_address(host: str, port: int) -> None:
+    """That --host:--port can be listened on, before the model loads for minutes (a port another server holds, an
+    address that is not this machine's)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def served_name(args: argparse.Namespace) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +53,18 @@ class Case:
     names: list  # substrings the error must contain: the flag, the file, what is wrong
     env: dict = field(default_factory=dict)
     unset: list = field(default_factory=list)
+
+
+_HELD_SOCKETS = []  # listening, so the port stays taken while the case runs
+
+
+def held_port() -> str:
+    """A port of 127.0.0.1 another server is listening on."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    _HELD_SOCKETS.append(taken)
+    return str(taken.getsockname()[1])
 
 
 def dialogue(i: int) -> str:
@@ -377,6 +390,12 @@ CASES = {
                                                    ["--max_batch_size"]),
     "serve max_tgt_len too short for extraction": lambda d, s: Case(
         "serve.py", ["--model_path", s.tiny, "--max_tgt_len", "20"], ["--max_tgt_len 20"]),
+    "serve port taken": lambda d, s: (lambda port: Case("serve.py", ["--model_path", s.tiny, "--port", port],
+                                                        ["--port " + port, "cannot listen"]))(held_port()),
+    "serve max_body_bytes too small": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--max_body_bytes",
+                                                                    "10"], ["--max_body_bytes", "10"]),
+    "serve served_model_name empty": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--served_model_name",
+                                                                    " "], ["--served_model_name", "empty"]),
     "serve truncated weights": lambda d, s: Case("serve.py", ["--model_path", model_copy(
         d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))}),
         "--device", "cpu"], ["model.safetensors", "truncated"]),
