@@ -67,6 +67,13 @@ def held_port() -> str:
     return str(taken.getsockname()[1])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_held_ports():
+    yield
+    while _HELD_SOCKETS:
+        _HELD_SOCKETS.pop().close()
+
+
 def dialogue(i: int) -> str:
     return f"患者：孩子发烧{i}天了。\n医生：可以吃点布洛芬，多喝水。"
 
