@@ -96,9 +96,9 @@ $(DEMO)/report.json: $(PRED)
 
 bench: $(STAMP) data/train.json data/test.json
 	@echo "==> extraction throughput: the chapter's one-at-a-time way against batched generation"
-	$(VPY) bench/bench_predict.py
+	$(VPY) -m bench.bench_predict
 	@echo "==> QLoRA training step time and memory"
-	$(VPY) bench/bench_train.py
+	$(VPY) -m bench.bench_train
 
 bench-gpu: $(STAMP) data/train.json data/test.json
 	PYTHON=$(VPY) bash bench/run_gpu.sh

@@ -41,13 +41,13 @@ import unicodedata
 import torch
 from safetensors.torch import save_file
 
-from model_files import LOAD_ERRORS, check_model_files, check_vocabulary
+from medextract.model_files import LOAD_ERRORS, check_model_files, check_vocabulary
 from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, build_chatml_ids, check_output_path,
                    load_tokenizer, one_line, silence_library_deprecations)
 
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
-PROJECT_MODULES = ("qwen1_8", "utils", "export_qwen2", "predict", "train", "merge_params")
+PROJECT_MODULES = ("qwen1_8", "utils", "medextract", "export_qwen2", "predict", "train", "merge_params")
 STOCK_CLASS = "transformers.models.qwen2.modeling_qwen2.Qwen2ForCausalLM"
 
 PROBE_DIALOGUE = "医生: 孩子咳嗽几天了？\n患者: 三天了，晚上更厉害，体温38.5℃，吃过布洛芬。\n医生: 先查个血常规。\n"
@@ -299,14 +299,14 @@ def generation_config():
     """predict.py's decoding (greedy, its repetition penalty and answer budget), ending where an answer ends."""
     from transformers import GenerationConfig
 
-    import predict
+    from medextract.engine import Decoding
     from qwen1_8.tokenization_qwen import IMEND, SPECIAL_START_ID, SPECIAL_TOKENS
 
-    defaults = predict.build_arg_parser()
+    defaults = Decoding()
     eod_id, im_end_id = SPECIAL_START_ID, SPECIAL_START_ID + SPECIAL_TOKENS.index(IMEND)
     return GenerationConfig(bos_token_id=eod_id, eos_token_id=[im_end_id, eod_id], pad_token_id=eod_id,
-                            do_sample=False, repetition_penalty=defaults.get_default("repetition_penalty"),
-                            max_new_tokens=defaults.get_default("max_tgt_len"))
+                            do_sample=False, repetition_penalty=defaults.repetition_penalty,
+                            max_new_tokens=defaults.max_new_tokens)
 
 
 def write_model(model_path: str, config, tokenizer, out_dir: str, work_dir: str,

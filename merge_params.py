@@ -31,8 +31,8 @@ import tempfile
 
 import torch
 
-from model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
-from train import CHECKPOINT_NAME
+from medextract.model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
+from medextract.checkpoints import CHECKPOINT_NAME
 from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path,
                    load_tokenizer, one_line, resolve_device, silence_library_deprecations)
 

@@ -26,9 +26,12 @@ import socket
 import sys
 from typing import Sequence
 
-from predict import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, add_generation_arguments, add_model_arguments,
-                     check_generation_flags, check_model_dir_files, decoding_from_args, load_engine)
-from utils import HelpFormatter, resolve_device, set_random_seed, silence_library_deprecations
+from medextract.cli import add_generation_arguments, add_model_arguments, check_generation_args, decoding_of, dtype_of
+from medextract.errors import ConfigError, MedextractError
+from medextract.inference import DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, check_model_dir_files, load_engine
+from utils import HelpFormatter, fail, resolve_device, set_random_seed, silence_library_deprecations
+
+PROG = "serve.py"
 
 MIN_BODY_BYTES = 4096
 
@@ -54,26 +57,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_flags(args)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            parser.error(e.code)
-        raise
+    except MedextractError as e:
+        parser.error(str(e))
     return args
 
 
 def check_flags(args: argparse.Namespace) -> None:
     if not 1 <= args.port <= 65535:
-        raise SystemExit(f"--port must be between 1 and 65535, got {args.port}")
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_batch_size < 1:
-        raise SystemExit(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
+        raise ConfigError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     if args.max_body_bytes < MIN_BODY_BYTES:
-        raise SystemExit(f"--max_body_bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
+        raise ConfigError(f"--max_body_bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
     if args.served_model_name is not None and not args.served_model_name.strip():
-        raise SystemExit("--served_model_name is empty")
+        raise ConfigError("--served_model_name is empty")
     if args.api_key_env is not None and not os.environ.get(args.api_key_env, "").strip():
-        raise SystemExit(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty; export "
+        raise ConfigError(f"--api_key_env {args.api_key_env}: that environment variable is not set or empty; export "
                          f"the API key there first")
-    check_generation_flags(args, "grounded")  # /v1/extract answers under the grounded grammar
+    check_generation_args(args, "grounded")  # /v1/extract answers under the grounded grammar
     check_address(args.host, args.port)
 
 
@@ -85,7 +86,7 @@ def check_address(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
             probe.bind((host, port))
     except OSError as e:
-        raise SystemExit(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -99,15 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_model_dir_files(args.model_path)
-    except ValueError as e:
-        raise SystemExit(f"serve.py: error: {e}") from None
+        engine = load_engine(args.model_path, device, dtype_of(args, device), args.max_batch_size, True)
+    except (MedextractError, ValueError) as e:
+        fail(PROG, e)
     import uvicorn
 
-    from service import ServiceSettings, create_app
+    from medextract.service import ServiceSettings, create_app
 
-    engine = load_engine(args, device, args.max_batch_size, True, "serve.py")
     api_key = os.environ[args.api_key_env].strip() if args.api_key_env else None
-    settings = ServiceSettings(served_model_name=served_name(args), decoding=decoding_from_args(args),
+    settings = ServiceSettings(served_model_name=served_name(args), decoding=decoding_of(args),
                                max_len=args.max_len, max_src_len=args.max_src_len, truncation=args.truncation,
                                capacity=args.max_src_len + PROMPT_OVERHEAD + args.max_tgt_len,
                                max_body_bytes=args.max_body_bytes, api_key=api_key)
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
     except OSError as e:  # the port is taken, the address is not this machine's
-        raise SystemExit(f"serve.py: error: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+        fail(PROG, f"cannot listen on {args.host}:{args.port} ({e.strerror})")
     return 0
 
 

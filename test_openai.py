@@ -45,8 +45,9 @@ from typing import Callable, Sequence
 import openai
 from tqdm import tqdm
 
-from grammar import CONSTRAINTS
-from predict import Example, interactive, read_examples, show_answer
+from medextract.grammar import CONSTRAINTS
+from medextract.inference import Example, read_examples
+from medextract.terminal import interactive, show_answer
 from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_output_path, check_run_settings,
                    input_digest, pending)
 
@@ -412,7 +413,7 @@ class GrammarChecker:
     xgrammar with Qwen's vocabulary (the packaged qwen.tiktoken: no model is needed)."""
 
     def __init__(self, constraint: str):
-        from grammar import build_vocabulary
+        from medextract.grammar import build_vocabulary
         from qwen1_8.tokenization_qwen import QWenTokenizer, packaged_vocab_file
 
         self.constraint = constraint
@@ -420,13 +421,13 @@ class GrammarChecker:
         self.lock = threading.Lock()  # answers arrive on worker threads
 
     def ebnf(self, dialogue: str) -> str:
-        from grammar import build_ebnf
+        from medextract.grammar import build_ebnf
 
         return build_ebnf(dialogue, self.constraint)
 
     def follows(self, ebnf: str, answer: str) -> bool:
         """Whether the whole answer is one the grammar produces (the text, complete; the end token is the server's)."""
-        from grammar import AnswerGrammar
+        from medextract.grammar import AnswerGrammar
 
         with self.lock:
             try:

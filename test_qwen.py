@@ -20,25 +20,34 @@ import argparse
 import sys
 from typing import Sequence
 
-from predict import answer_dialogue, build_arg_parser, check_args, decoding_from_args, interactive, predict_file, prepare
+from medextract.cli import (add_batch_arguments, add_generation_arguments, add_model_arguments, check_batch_args,
+                            run_extraction)
+from medextract.errors import MedextractError
+from utils import HelpFormatter, fail
 
+PROG = "test_qwen.py"
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_arg_parser(__doc__, model_path=BASE_MODEL_PATH, output_file="predictions_base.jsonl").parse_args(argv)
-    check_args(args, "test_qwen.py")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_arguments(parser, BASE_MODEL_PATH)
+    add_generation_arguments(parser)
+    add_batch_arguments(parser, "predictions_base.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        check_batch_args(args)
+    except MedextractError as e:
+        fail(PROG, e)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine = prepare(args, "test_qwen.py")
-    if args.input_file is None:
-        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, args))
-    predict_file(engine, args.input_file, args.output_file, decoding_from_args(args), args.max_len, args.max_src_len,
-                 args.truncation, args.constraint)
-    return 0
+    try:
+        return run_extraction(args)
+    except MedextractError as e:
+        fail(PROG, e)
 
 
 if __name__ == "__main__":

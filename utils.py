@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -624,6 +625,17 @@ def silence_library_deprecations() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     for name, log_filter in _LOG_NOTICE_FILTERS:
         logging.getLogger(name).addFilter(log_filter)
+
+
+def fail(prog: str, message: object) -> None:
+    """Stop a script with one line, `<prog>: error: <message>`, and exit status 1 (as argparse's own errors read).
+    Scripts call it with the library's typed errors; the library itself never exits. An error that carries an
+    `exit_status` of its own (an interrupted batch: 130, as the shell gives Ctrl-C) is printed as it is."""
+    status = getattr(message, "exit_status", 1)
+    if status != 1:
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        raise SystemExit(status)
+    raise SystemExit(f"{prog}: error: {message}")
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

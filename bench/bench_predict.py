@@ -15,10 +15,10 @@ line printed is one JSON object with the figures, the machine and "speedup" (bes
 chapter's samples/s).
 
     python data_helper.py                   # writes data/test.json
-    python bench/bench_predict.py           # CPU: a random 10-layer, 512-wide model with the full vocabulary
-    python bench/bench_predict.py --real_shape --device cuda --new_tokens 128 --batch_sizes 8 16 32   # GPU: 1.8B shape
-    python bench/bench_predict.py --model_path output_dir_qlora/merged --device cuda --new_tokens 128
-    python bench/bench_predict.py --constraint grounded --batch_sizes 16   # what the grammar costs
+    python -m bench.bench_predict           # CPU: a random 10-layer, 512-wide model with the full vocabulary
+    python -m bench.bench_predict --real_shape --device cuda --new_tokens 128 --batch_sizes 8 16 32   # GPU: 1.8B shape
+    python -m bench.bench_predict --model_path output_dir_qlora/merged --device cuda --new_tokens 128
+    python -m bench.bench_predict --constraint grounded --batch_sizes 16   # what the grammar costs
 """
 from __future__ import annotations
 
@@ -33,15 +33,12 @@ from typing import Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import predict  # noqa: E402
-from bench.common import add_model_args, apply_real_shape, machine_info, random_model  # noqa: E402
-from generation import Decoding, Engine, Request, reference_config, stop_token_ids  # noqa: E402
-from grammar import CONSTRAINTS, AnswerGrammar, build_vocabulary  # noqa: E402
-from utils import HelpFormatter, resolve_device, set_random_seed  # noqa: E402
+from bench.common import ROOT, add_model_args, apply_real_shape, machine_info, random_model
+from medextract.engine import Decoding, Engine, Request, reference_config, stop_token_ids
+from medextract.grammar import CONSTRAINTS, AnswerGrammar, build_vocabulary
+from medextract.inference import Truncation, load_model, prompt_ids, read_examples, resolve_dtype
+from utils import HelpFormatter, resolve_device, set_random_seed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -92,10 +89,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_random_seed(args.seed)
     device = resolve_device(args.device)
     model_path = args.model_path or random_model(args)
-    model, tokenizer = predict.load_model(model_path, device, predict.resolve_dtype(args.dtype, device))
+    model, tokenizer = load_model(model_path, device, resolve_dtype(args.dtype, device))
 
-    examples = predict.read_examples(args.input_file)[:args.num_samples]
-    prompts = {e.id: predict.prompt_ids(tokenizer, e.user_text, args.max_len, args.max_src_len) for e in examples}
+    examples = read_examples(args.input_file)[:args.num_samples]
+    truncation = Truncation(args.max_len, args.max_src_len)
+    prompts = {e.id: prompt_ids(tokenizer, e.user_text, truncation) for e in examples}
     dialogues = {e.id: e.user_text[e.instruction_chars:] for e in examples}
     decoding = Decoding(max_new_tokens=args.new_tokens, repetition_penalty=args.repetition_penalty,
                         min_new_tokens=args.new_tokens)

@@ -8,9 +8,9 @@ tokens are labelled (the chapter's samples: about 870 tokens, 136 labelled), or 
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on the CPU. The last line printed
 is one JSON object.
 
-    python bench/bench_train.py                                    # CPU: a small random model, full vocabulary
-    python bench/bench_train.py --real_shape --device cuda         # GPU: the 1.8B shape, random weights
-    python bench/bench_train.py --real_shape --device cuda --train_path data/train.json   # real lengths
+    python -m bench.bench_train                                    # CPU: a small random model, full vocabulary
+    python -m bench.bench_train --real_shape --device cuda         # GPU: the 1.8B shape, random weights
+    python -m bench.bench_train --real_shape --device cuda --train_path data/train.json   # real lengths
 """
 from __future__ import annotations
 
@@ -24,13 +24,10 @@ from typing import Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-import train  # noqa: E402
-from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync  # noqa: E402
-from utils import (DataCollator, HelpFormatter, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer,  # noqa: E402
+import train
+from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync
+from utils import (DataCollator, HelpFormatter, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer,
                    resolve_device, set_random_seed)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -73,39 +73,39 @@ random_model; random_model(parse_args(['--real_shape']))"
 
 for step in "${STEPS[@]}"; do
     case $step in
-    train_synthetic) run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda ;;
-    train_real) run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda --train_path data/train.json ;;
+    train_synthetic) run "$step" "$PYTHON" -m bench.bench_train --real_shape --device cuda ;;
+    train_real) run "$step" "$PYTHON" -m bench.bench_train --real_shape --device cuda --train_path data/train.json ;;
     train_real_mask)
-        run "$step" "$PYTHON" bench/bench_train.py --real_shape --device cuda --train_path data/train.json \
+        run "$step" "$PYTHON" -m bench.bench_train --real_shape --device cuda --train_path data/train.json \
             --attention_mask ;;
     predict)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 128 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --new_tokens 128 \
             --batch_sizes 8 16 32 ;;
     predict_fp32)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --dtype fp32 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --dtype fp32 \
             --num_samples 8 --new_tokens 32 --batch_sizes 8 ;;
     graphs_test) run "$step" "$PYTHON" -m pytest tests/test_generation.py -q -k cuda ;;
     decode)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --new_tokens 150 \
             --batch_sizes 1 50 --round_size 50 --no_chapter --engine graphs ;;
     decode_gold)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --stop_at_gold_length \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --stop_at_gold_length \
             --batch_sizes 32 50 --round_size 50 --no_chapter --engine graphs ;;
     decode_eager)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --new_tokens 150 \
             --num_samples 8 --batch_sizes 1 8 --round_size 8 --no_chapter --engine eager ;;
     decode_fp32)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --dtype fp32 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --dtype fp32 \
             --num_samples 8 --new_tokens 32 --batch_sizes 8 --engine graphs ;;
     decode_grounded)
         model
-        run "$step" "$PYTHON" bench/bench_predict.py --model_path "$MODEL" --device cuda --new_tokens 150 \
+        run "$step" "$PYTHON" -m bench.bench_predict --model_path "$MODEL" --device cuda --new_tokens 150 \
             --batch_sizes 32 --round_size 50 --constraint grounded --engine graphs ;;
     trainpy)
         model

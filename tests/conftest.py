@@ -1,13 +1,9 @@
-"""Shared fixtures: the project root on sys.path, the reference folder, and a tiny random Qwen checkpoint."""
+"""Shared fixtures: the reference folder and a tiny random Qwen checkpoint (pyproject.toml puts the root on the path)."""
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 
 

@@ -4,7 +4,7 @@ job, and the child runs the script as `__main__` with the job's argv, working di
 and stderr going to files. What a user would see is what a job records: the exit status Python would give (a
 string exit code printed to stderr and status 1; an uncaught exception's traceback on stderr and status 1).
 
-    python tests/script_runner.py jobs.json results.json
+    PYTHONPATH=<repository root> python tests/script_runner.py jobs.json results.json
 
 jobs.json is a list of {"id", "script" (a path) or "module" (for -m), "argv", "cwd", "env", "unset", "stdout",
 "stderr", "timeout", "no_model_load"}; results.json gets {id: {"returncode", "seconds"}}. With "no_model_load" a
@@ -88,7 +88,6 @@ def child(job: dict) -> None:
 def main() -> None:
     """Preload, then run the jobs WORKERS at a time, killing any that outlives its timeout."""
     jobs_file, results_file = map(os.path.abspath, sys.argv[1:3])
-    sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     import utils
 

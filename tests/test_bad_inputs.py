@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import model_files
+from medextract import model_files
 import train
 from utils import INSTRUCTION, check_output_path, format_output
 
@@ -565,6 +565,7 @@ def sweep(shared, tmp_path_factory):
                      "stderr": str(root / f"case{k:02d}.err"), "timeout": 120, "no_model_load": True})
     (root / "jobs.json").write_text(json.dumps(jobs, ensure_ascii=False), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OPENAI_BASE_URL")}
+    env["PYTHONPATH"] = str(ROOT)
     subprocess.run([sys.executable, str(RUNNER), str(root / "jobs.json"), str(root / "results.json")], cwd=ROOT,
                    env=env, check=True, timeout=600)
     results = json.loads((root / "results.json").read_text(encoding="utf-8"))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import grammar
-import predict
-from generation import (Decoding, Engine, Request, _PrefillView, common_prefix_len, extraction_request,
+from medextract import grammar
+from medextract import inference
+from medextract.engine import (Decoding, Engine, Request, _PrefillView, common_prefix_len, extraction_request,
                         reference_config)
 from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, format_output
 
@@ -25,7 +25,7 @@ DIALOGUES = [
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    loaded, _ = predict.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    loaded, _ = inference.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
     return loaded
 
 
@@ -35,7 +35,7 @@ def vocabulary(tokenizer, model):
 
 
 def prompts_of(tokenizer):
-    return [predict.prompt_ids(tokenizer, INSTRUCTION + d, 2048, 1560) for d in DIALOGUES]
+    return [inference.prompt_ids(tokenizer, INSTRUCTION + d) for d in DIALOGUES]
 
 
 def test_greedy_tokens_equal_transformers_generate_batched_refilled_and_alone(model, tokenizer):
@@ -222,7 +222,7 @@ def test_cuda_graphs_need_a_cuda_device(model, tokenizer):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA GPU (the graphs are checked on the GPU machine)")
 def test_cuda_graph_steps_equal_eager_steps_on_a_gpu(tiny_ckpt, tokenizer):
-    gpu_model, _ = predict.load_model(tiny_ckpt, torch.device("cuda"), torch.float32)
+    gpu_model, _ = inference.load_model(tiny_ckpt, torch.device("cuda"), torch.float32)
     requests = [Request(p, Decoding(max_new_tokens=20, min_new_tokens=20)) for p in prompts_of(tokenizer)]
     eager = Engine(gpu_model, tokenizer, 3, cuda_graphs=False).generate(requests)
     graphed = Engine(gpu_model, tokenizer, 3, cuda_graphs=True).generate(requests)
@@ -258,7 +258,7 @@ def test_a_run_of_tokens_that_never_ends_a_character_is_rolled_back_and_closed(m
 
 
 def test_under_a_cut_prompt_spans_come_from_what_the_model_reads(tokenizer, vocabulary):
-    from generation import visible_dialogue
+    from medextract.engine import visible_dialogue
     from utils import format_output
 
     dialogue = "医生: 你好，哪里不舒服？\n患者: 咳嗽三天。\n" * 20 + "患者: 吃了阿莫西林。\n"

@@ -8,7 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-import grammar
+from medextract import grammar
 from utils import EXTRACT_KEYS, LIST_KEYS, TEXT_KEYS, format_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -62,10 +62,10 @@ def test_merged_model_matches_base_plus_adapter(tiny_ckpt, adapter_dir, tmp_path
     assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes the model
     torch.testing.assert_close(logits(merged, ids), expected, atol=1e-5, rtol=0)
     # predict.py also takes the unmerged checkpoint: transformers puts the adapter on the base it names
-    import predict
+    from medextract import inference
 
-    predict.check_model_path(adapter_dir)
-    unmerged, _ = predict.load_model(adapter_dir, torch.device("cpu"), torch.float32)
+    inference.check_model_path(adapter_dir)
+    unmerged, _ = inference.load_model(adapter_dir, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(logits(unmerged, ids), expected, atol=1e-5, rtol=0)
 
 

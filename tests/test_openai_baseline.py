@@ -18,7 +18,7 @@ import openai
 import pytest
 
 import test_openai as baseline
-from grammar import build_ebnf, empty_answer
+from medextract.grammar import build_ebnf, empty_answer
 from utils import INSTRUCTION, SYSTEM_PROMPT, format_output, input_digest
 
 SECRET = "sk-test-do-not-leak-8f3a91c2"

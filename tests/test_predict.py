@@ -12,7 +12,10 @@ import pytest
 import torch
 
 import predict
-from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, build_chatml_ids, input_digest, parse_output
+from medextract import inference, terminal
+from medextract.errors import AnswersFailed
+from medextract.inference import Truncation
+from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, build_chatml_ids, fail, input_digest, parse_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +29,12 @@ DIALOGUES = [
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt, tokenizer):
-    loaded, _ = predict.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    loaded, _ = inference.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
     return loaded
 
 
 def test_prompt_is_the_training_prefix(tokenizer):
-    from generation import Decoding, extraction_request
+    from medextract.engine import Decoding, extraction_request
 
     for dialogue in DIALOGUES:
         text = INSTRUCTION + dialogue
@@ -41,9 +44,17 @@ def test_prompt_is_the_training_prefix(tokenizer):
         assert expected[-3:] == [tokenizer.im_start_id, 77091, 198]  # <|im_start|>assistant\n
 
 
+def run_settings_of(args) -> dict:
+    """The settings predict.py records for these flags on the CPU."""
+    from medextract.cli import decoding_of, truncation_of
+
+    return inference.run_settings(args.model_path, inference.resolve_dtype(args.dtype, torch.device("cpu")),
+                                  decoding_of(args), args.constraint, truncation_of(args))
+
+
 def test_prompt_is_truncated_like_training(tokenizer):
     long_text = INSTRUCTION + "患者: 咳嗽。\n" * 400
-    ids = predict.prompt_ids(tokenizer, long_text, max_len=2048, max_src_len=300)
+    ids = inference.prompt_ids(tokenizer, long_text, Truncation(2048, 300))
     assert ids == build_chatml_ids(tokenizer, long_text, None, 2048, 300).input_ids
     assert len(ids) == 11 + 300 + 1 + 3  # system block + "\n" + cut user block + "\n" + <|im_start|>assistant\n
 
@@ -59,11 +70,11 @@ def test_prompt_truncation_follows_the_training_run(tiny_ckpt, tokenizer, tmp_pa
     train_args.write_text(json.dumps({"args": {"max_len": 1024, "max_src_len": 300, "truncation": "turns"}}))
     args = predict.parse_args(["--model_path", str(model_dir)])
     assert (args.max_len, args.max_src_len, args.truncation) == (1024, 300, "turns")
-    assert predict.run_settings(args, torch.device("cpu"))["truncation"] == "turns"
+    assert run_settings_of(args)["truncation"] == "turns"
     long_text = INSTRUCTION + "患者: 咳嗽。\n" * 400
-    ids = predict.prompt_ids(tokenizer, long_text, args.max_len, args.max_src_len, args.truncation)
+    ids = inference.prompt_ids(tokenizer, long_text, Truncation(args.max_len, args.max_src_len, args.truncation))
     assert ids == build_chatml_ids(tokenizer, long_text, None, 1024, 300, truncation="turns").input_ids
-    assert ids != predict.prompt_ids(tokenizer, long_text, 1024, 300)  # the token cut ends mid-turn
+    assert ids != inference.prompt_ids(tokenizer, long_text, Truncation(1024, 300))  # the token cut ends mid-turn
     assert predict.parse_args(["--model_path", str(model_dir), "--truncation", "tokens"]).truncation == "tokens"
     train_args.write_text(json.dumps({"args": {"max_len": 1024, "max_src_len": 300}}))
     assert predict.parse_args(["--model_path", str(model_dir)]).truncation == "tokens"
@@ -74,7 +85,7 @@ def test_prompt_truncation_follows_the_training_run(tiny_ckpt, tokenizer, tmp_pa
 
 
 def test_decoding_is_greedy_by_default_and_the_model_config_untouched(model, tokenizer):
-    from generation import Decoding, Engine, extraction_request
+    from medextract.engine import Decoding, Engine, extraction_request
 
     before = model.generation_config.to_dict()
     engine = Engine(model, tokenizer, 2)
@@ -100,12 +111,12 @@ def test_read_examples_accepts_bare_input_lines(tmp_path):
     path = tmp_path / "in.json"
     write_lines(path, [{"input": DIALOGUES[0]},
                        {"instruction": "抽取：\n", "input": DIALOGUES[1], "output": "```json\n{}\n```"}])
-    examples = predict.read_examples(str(path))
+    examples = inference.read_examples(str(path))
     assert [(e.id, e.user_text, e.instruction_chars) for e in examples] == \
         [(0, INSTRUCTION + DIALOGUES[0], len(INSTRUCTION)), (1, "抽取：\n" + DIALOGUES[1], 4)]
     write_lines(path, [{"input": DIALOGUES[0]}, {"dialogue": "x"}])
     with pytest.raises(ValueError, match=r"in\.json:2: field 'input'"):
-        predict.read_examples(str(path))
+        inference.read_examples(str(path))
 
 
 def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkeypatch):
@@ -123,16 +134,16 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
         f.write('{"id": 4, "outp')  # a torn line from a killed run: id 4 is not done
 
     generated = []
-    real = predict.Engine.stream
+    real = inference.Engine.stream
 
     def counting(engine, requests):
         generated.extend(requests)
         return real(engine, requests)
 
-    monkeypatch.setattr(predict.Engine, "stream", counting)
+    monkeypatch.setattr(inference.Engine, "stream", counting)
     argv = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--output_file", str(out),
             "--batch_size", "2", "--max_tgt_len", "4", "--constraint", "none"]
-    settings = predict.run_settings(predict.parse_args(argv), torch.device("cpu"))
+    settings = run_settings_of(predict.parse_args(argv))
     with pytest.raises(SystemExit, match=r"pred.jsonl holds results but no pred.jsonl.settings.json saying how they "
                                          r"were made"):
         predict.main(argv)  # whose answers are these? Not to be mixed with ours
@@ -145,7 +156,7 @@ def test_batch_mode_resumes_and_writes_every_id_once(tiny_ckpt, tmp_path, monkey
     for r in lines[2:]:
         assert set(r) == {"id", "output", "num_new_tokens", "truncated", "input_digest"}
         assert 1 <= r["num_new_tokens"] <= 4 and r["truncated"] == (r["num_new_tokens"] == 4)
-        assert r["input_digest"] == input_digest(predict.read_examples(str(inputs))[r["id"]].user_text)
+        assert r["input_digest"] == input_digest(inference.read_examples(str(inputs))[r["id"]].user_text)
     generated.clear()
     assert predict.main(argv) == 0  # everything done: nothing is generated, nothing appended
     assert generated == [] and len(read_lines(out)) == 5
@@ -225,7 +236,7 @@ def test_bad_inputs_stop_before_the_model_loads(case, tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(predict, "load_model", no_load)
+    monkeypatch.setattr(inference, "load_model", no_load)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
@@ -263,7 +274,7 @@ def test_do_sample_is_a_switch(tiny_ckpt):
 
 
 def test_ctrl_c_in_batch_mode_keeps_what_was_written(tokenizer, tmp_path, monkeypatch, capsys):
-    from generation import Decoding, Engine, Result
+    from medextract.engine import Decoding, Engine, Result
 
     def one_answer_then_ctrl_c(engine, requests):
         yield 0, Result([1], "{}", "stop", False, 10)
@@ -274,9 +285,11 @@ def test_ctrl_c_in_batch_mode_keeps_what_was_written(tokenizer, tmp_path, monkey
     engine.tokenizer, engine.vocabulary = tokenizer, None
     inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
-    with pytest.raises(SystemExit) as excinfo:
-        predict.predict_file(engine, str(inputs), str(out), Decoding(), 2048, 1560, constraint="none")
-    assert excinfo.value.code == 130
+    with pytest.raises(inference.Interrupted) as excinfo:
+        inference.predict_file(engine, str(inputs), str(out), Decoding(), constraint="none")
+    with pytest.raises(SystemExit) as exited:  # what the scripts make of it
+        fail("predict.py", excinfo.value)
+    assert exited.value.code == 130
     assert "interrupted: the 1 predictions in" in capsys.readouterr().err
     assert [r["id"] for r in read_lines(out)] == [0]
 
@@ -312,7 +325,7 @@ def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp
     with pytest.raises(SystemExit, match="--repetition_penalty must be a positive number"):
         predict.parse_args(["--model_path", tiny_ckpt, "--repetition_penalty", "0"])
     args = predict.parse_args(["--model_path", tiny_ckpt, "--dtype", "float32"])
-    assert predict.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
+    assert inference.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
 
 
 def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):
@@ -344,18 +357,18 @@ def test_read_dialogue_joins_lines_and_recognises_exits():
                 raise EOFError from None
         return read
 
-    assert predict.read_dialogue(reader(["", "医生: 你好", "患者: 咳嗽", ""])) == "医生: 你好\n患者: 咳嗽\n"
-    assert predict.read_dialogue(reader(["医生: 你好"])) == "医生: 你好\n"  # Ctrl-D ends the last dialogue
-    assert predict.read_dialogue(reader([])) is None
-    assert predict.read_dialogue(reader(["quit"])) is None
-    assert predict.read_dialogue(reader([" EXIT "])) is None
+    assert terminal.read_dialogue(reader(["", "医生: 你好", "患者: 咳嗽", ""])) == "医生: 你好\n患者: 咳嗽\n"
+    assert terminal.read_dialogue(reader(["医生: 你好"])) == "医生: 你好\n"  # Ctrl-D ends the last dialogue
+    assert terminal.read_dialogue(reader([])) is None
+    assert terminal.read_dialogue(reader(["quit"])) is None
+    assert terminal.read_dialogue(reader([" EXIT "])) is None
 
 
 def test_interactive_leaves_cleanly_on_ctrl_c(capsys):
     def interrupt(prompt=""):
         raise KeyboardInterrupt
 
-    assert predict.interactive(lambda dialogue: "never called", read_line=interrupt) == 0
+    assert terminal.interactive(lambda dialogue: "never called", read_line=interrupt) == 0
     assert "Bye." in capsys.readouterr().out
 
 
@@ -405,7 +418,7 @@ def test_interactive_session_in_a_terminal(tiny_ckpt):
 
 
 def test_a_failed_answer_is_named_left_out_and_retried(tokenizer, tmp_path, monkeypatch):
-    from generation import Decoding, Engine, Result
+    from medextract.engine import Decoding, Engine, Result
 
     def one_ok_one_failed(engine, requests):
         yield 1, Result([1], "{}", "stop", False, 10)
@@ -416,6 +429,6 @@ def test_a_failed_answer_is_named_left_out_and_retried(tokenizer, tmp_path, monk
     engine.tokenizer, engine.vocabulary = tokenizer, None
     inputs, out = tmp_path / "test.json", tmp_path / "pred.jsonl"
     write_lines(inputs, [{"input": DIALOGUES[0]}, {"input": DIALOGUES[1]}])
-    with pytest.raises(SystemExit, match=r"1 answers failed \(ids 0\); the 1 others are in .*a rerun tries"):
-        predict.predict_file(engine, str(inputs), str(out), Decoding(), 2048, 1560, constraint="none")
+    with pytest.raises(AnswersFailed, match=r"1 answers failed \(ids 0\); the 1 others are in .*a rerun tries"):
+        inference.predict_file(engine, str(inputs), str(out), Decoding(), constraint="none")
     assert [r["id"] for r in read_lines(out)] == [1]

@@ -21,8 +21,9 @@ import openai
 import pytest
 
 import predict
+from medextract.inference import prompt_ids
 import test_openai
-from grammar import build_ebnf
+from medextract.grammar import build_ebnf
 from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,8 +156,7 @@ def test_streamed_chunks_join_into_the_answer(server, tokenizer):
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-        assert whole.usage.prompt_tokens == len(predict.prompt_ids(tokenizer, INSTRUCTION + dialogue, 2048, 1560,
-                                                                   "tokens", len(INSTRUCTION)))
+        assert whole.usage.prompt_tokens == len(prompt_ids(tokenizer, INSTRUCTION + dialogue, instruction_chars=len(INSTRUCTION)))
 
 
 def extract(server: Server, dialogue: str) -> dict:

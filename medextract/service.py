@@ -43,11 +43,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from generation import Decoding, Engine, Request, Result, extraction_request
-from grammar import AnswerGrammar, build_ebnf, check_ebnf
+from .engine import Decoding, Engine, Request, Result, extraction_request
+from .grammar import AnswerGrammar, build_ebnf, check_ebnf
 from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")  # the repository's static/
 POLL_SECONDS = 0.25  # how often a waiting handler looks whether its client is still there
 MAX_SEED = 2 ** 63 - 1
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from grammar import AnswerGrammar, AnswerScanner, empty_answer
+from .grammar import AnswerGrammar, AnswerScanner, empty_answer
 from utils import SYSTEM_PROMPT, build_chatml_ids, one_line
 
 

@@ -1,0 +1,129 @@
+"""The flags that several scripts share, and what they turn into: predict.py, test_qwen.py and serve.py take the
+same model and generation flags, so each is defined here once. The scripts parse argv; this module only adds
+argument groups to a parser and reads the parsed values into the library's settings."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from utils import DTYPES, TRUNCATIONS, resolve_device, set_random_seed, silence_library_deprecations
+
+from .engine import Decoding
+from .errors import ConfigError
+from .grammar import CONSTRAINTS
+from .inference import (DEFAULT_MODEL_PATH, Truncation, answer_dialogue, check_generation, predict_file,
+                        prepare_engine, resolve_dtype, trained_truncation)
+from .terminal import interactive
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH) -> None:
+    """--model_path, --device, --dtype."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_path", type=str, default=model_path,
+                       help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a "
+                            "train.py checkpoint also works, its adapter put unmerged on the base it names")
+    model.add_argument("--device", type=str, default="auto",
+                       help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
+    model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
+                       help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
+                            "fp32 on the CPU")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool = True,
+                             max_tgt_len_help: str = "most new tokens generated per answer") -> None:
+    """The decoding and prompt-length flags; serve.py takes them as the defaults of its requests and has no
+    --constraint (a request says which grammar it wants)."""
+    defaults = Decoding()
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max_tgt_len", type=int, default=defaults.max_new_tokens, help=max_tgt_len_help)
+    if constraint:
+        gen.add_argument("--constraint", choices=CONSTRAINTS, default="grounded",
+                         help="grounded: every answer is the trained JSON format with each list item copied verbatim "
+                              "from the dialogue, closed if --max_tgt_len cuts it; schema: the format, list items any "
+                              "text (for labels that are not verbatim); none: free generation, the chapter's way")
+    gen.add_argument("--do_sample", action="store_true",
+                     help="sample with --top_p/--temperature instead of greedy decoding (greedy is reproducible)")
+    gen.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (only with --do_sample)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (only with --do_sample)")
+    gen.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty,
+                     help="penalty on tokens already in the prompt or answer; 1.0 turns it off")
+    gen.add_argument("--seed", type=int, default=42, help="random seed (matters only with --do_sample)")
+    gen.add_argument("--max_len", type=int, default=None,
+                     help="the training --max_len; with --max_src_len it truncates prompts exactly as training did. "
+                          "Default: the model's train_args.json (merge_params.py copies it), else 2048")
+    gen.add_argument("--max_src_len", type=int, default=None,
+                     help="the training --max_src_len: a longer user block is cut as in training. "
+                          "Default: from train_args.json as --max_len, else 1560")
+    gen.add_argument("--truncation", choices=TRUNCATIONS, default=None,
+                     help="the training --truncation (tokens: keep a long dialogue's first tokens; turns: its leading "
+                          "whole turns). Default: from train_args.json as --max_len, else tokens")
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser, output_file: str) -> None:
+    io = parser.add_argument_group("batch mode")
+    io.add_argument("--input_file", type=str, default=None,
+                    help="JSON Lines with {instruction, input[, output]} per line (data_helper's test.json) or just "
+                         "{input}; without it the script is interactive")
+    io.add_argument("--output_file", type=str, default=output_file,
+                    help="predictions, one JSON line per input; ids already in it are skipped (resume)")
+    io.add_argument("--batch_size", type=int, default=8,
+                    help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
+
+
+def decoding_of(args: argparse.Namespace) -> Decoding:
+    return Decoding(max_new_tokens=args.max_tgt_len, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def truncation_of(args: argparse.Namespace) -> Truncation:
+    return Truncation(args.max_len, args.max_src_len, args.truncation)
+
+
+def check_generation_args(args: argparse.Namespace, constraint: str) -> None:
+    """The model and generation flags, for answers generated under `constraint`; fills the training truncation
+    (--max_len, --max_src_len, --truncation) where it was not given, and says where it came from."""
+    truncation, source = trained_truncation(args.model_path, args.max_len, args.max_src_len, args.truncation) \
+        if os.path.isdir(args.model_path) else (Truncation(args.max_len or 2048, args.max_src_len or 1560,
+                                                           args.truncation or "tokens"), None)
+    given = [key for key in ("max_len", "max_src_len", "truncation") if getattr(args, key) is None]
+    args.max_len, args.max_src_len, args.truncation = truncation.max_len, truncation.max_src_len, truncation.mode
+    if source is not None:
+        print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} --truncation "
+              f"{args.truncation} ({', '.join('--' + key for key in given)} from {source})", flush=True)
+    check_generation(args.model_path, decoding_of(args), constraint, truncation)
+
+
+def check_batch_args(args: argparse.Namespace) -> None:
+    """predict.py's and test_qwen.py's flags."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_generation_args(args, args.constraint)
+    if args.input_file is not None and not os.path.isfile(args.input_file):
+        raise ConfigError(f"--input_file {args.input_file}: no such file")
+    if args.input_file is not None and os.path.realpath(args.output_file) == os.path.realpath(args.input_file):
+        raise ConfigError(f"--output_file {args.output_file} is the --input_file: the predictions would be appended "
+                          f"to the dialogues; give another --output_file")
+
+
+def dtype_of(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    return resolve_dtype(args.dtype, device)
+
+
+def run_extraction(args: argparse.Namespace) -> int:
+    """predict.py's and test_qwen.py's work once their flags are checked: interactive without --input_file, else
+    every record of --input_file not yet in --output_file, answered and appended."""
+    silence_library_deprecations()
+    set_random_seed(args.seed)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    decoding, truncation = decoding_of(args), truncation_of(args)
+    engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
+                            decoding, truncation, args.input_file, args.output_file)
+    if args.input_file is None:
+        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, decoding, args.constraint, truncation))
+    predict_file(engine, args.input_file, args.output_file, decoding, truncation, args.constraint)
+    return 0
