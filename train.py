@@ -50,13 +50,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from medextract.checkpoints import CHECKPOINT_NAME
 from medextract.model_files import check_model_files, check_vocabulary, safetensors_header, weight_shards
 from utils import (IGNORE_INDEX, TRUNCATIONS, WEIGHT_FILES, DataCollator, HelpFormatter, QwenPromptDataSet,
                    apply_usual_permissions, atomic_write_text, check_output_path, load_tokenizer, native_bf16,
                    one_line, print_rank_0, set_random_seed, silence_library_deprecations)
 
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
-from medextract.checkpoints import CHECKPOINT_NAME
 SUPPORTED_SCHEDULERS = ("WarmupDecayLR", "WarmupCosineLR")
 
 
