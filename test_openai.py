@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"test_openai.py: error: {e}") from None
     try:
-        failures = predict_file(client, examples, args.output_file, settings, args.concurrency,
+        failures = request_file(client, examples, args.output_file, settings, args.concurrency,
                                 source=args.input_file, checker=checker)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the answers so far are in {args.output_file}; rerun the same command to resume",
@@ -301,7 +301,7 @@ def describe(error: Exception | None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def predict_file(client: openai.OpenAI, examples: Sequence[Example], output_file: str, settings: Settings,
+def request_file(client: openai.OpenAI, examples: Sequence[Example], output_file: str, settings: Settings,
                  concurrency: int = 4, source: str = "input",
                  checker: "GrammarChecker | None" = None) -> list[tuple[int, str]]:
     """Ask for every example whose id is not yet in `output_file`, `concurrency` at a time, appending each answer as
