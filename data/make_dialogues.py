@@ -1,31 +1,23 @@
 """Write data/all.json: seeded synthetic Chinese doctor–patient dialogues with their eight medical elements.
 
 The chapter trained on IMCS-21 consultations, which may not be redistributed, so the project ships this stand-in
-instead. Each record is `{"dialogue_text": str, "extract_text": {the 8 keys}}`, shaped like the chapter's test set
-(../shared/SPEC.md §5): `医生: …` / `患者: …` lines that all end in "\\n", 20–70 lines and 300–1,300 characters;
-paediatric cases (a parent speaking) and adult ones, with small talk, hesitations, corrections and questions left
-unanswered. The four list fields hold spans copied verbatim from the dialogue, in order of first mention and without
-duplicates; the four text fields are short summaries of facts the dialogue states. Field emptiness follows the real
-data. Record i depends only on (seed, i), so a shorter run is a prefix of a longer one, and a run is reproducible
-byte for byte.
+instead. Each record is `{"dialogue_text": str, "extract_text": {the 8 keys}}`, shaped like the chapter's test set:
+`医生: …` / `患者: …` lines that all end in "\\n", 20–70 lines and 300–1,300 characters; paediatric cases (a parent
+speaking) and adult ones, with small talk, hesitations, corrections and questions left unanswered. The four list
+fields hold spans copied verbatim from the dialogue, in order of first mention and without duplicates; the four text
+fields are short summaries of facts the dialogue states. Field emptiness follows the real data. Record i depends only
+on (seed, i), so a shorter run is a prefix of a longer one, and a run is reproducible byte for byte.
 
-    python data/make_dialogues.py --output data/all.json --num_records 2500 --seed 1234
+    python -m data.make_dialogues --output data/all.json --num_records 2500 --seed 1234   # from the repository root
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 from dataclasses import dataclass, field
 
-# Run as `python data/make_dialogues.py`, only data/ is on the path; utils.py lives one level up.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from utils import EXTRACT_KEYS, LIST_KEYS, atomic_write_text  # noqa: E402
+from utils import EXTRACT_KEYS, LIST_KEYS, atomic_write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
