@@ -20,21 +20,16 @@ import argparse
 import sys
 from typing import Sequence
 
-from medextract.cli import (add_batch_arguments, add_generation_arguments, add_model_arguments, check_batch_args,
-                            run_extraction)
+from medextract.cli import check_batch_args, extraction_parser, run_extraction
 from medextract.errors import MedextractError
-from utils import HelpFormatter, fail
+from utils import fail
 
 PROG = "test_qwen.py"
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_arguments(parser, BASE_MODEL_PATH)
-    add_generation_arguments(parser)
-    add_batch_arguments(parser, "predictions_base.jsonl")
-    args = parser.parse_args(argv)
+    args = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl").parse_args(argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from utils import DTYPES, TRUNCATIONS, resolve_device, set_random_seed, silence_library_deprecations
+from utils import DTYPES, TRUNCATIONS, HelpFormatter, resolve_device, set_random_seed, silence_library_deprecations
 
 from .engine import Decoding
 from .errors import ConfigError
@@ -70,6 +70,15 @@ def add_batch_arguments(parser: argparse.ArgumentParser, output_file: str) -> No
                     help="predictions, one JSON line per input; ids already in it are skipped (resume)")
     io.add_argument("--batch_size", type=int, default=8,
                     help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
+
+
+def extraction_parser(description: str, model_path: str, output_file: str) -> argparse.ArgumentParser:
+    """predict.py's and test_qwen.py's flags: the model, generation and batch groups."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_arguments(parser, model_path)
+    add_generation_arguments(parser)
+    add_batch_arguments(parser, output_file)
+    return parser
 
 
 def decoding_of(args: argparse.Namespace) -> Decoding:
