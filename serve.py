@@ -28,7 +28,7 @@ from typing import Sequence
 
 from medextract.cli import add_generation_arguments, add_model_arguments, check_generation_args, decoding_of, dtype_of
 from medextract.errors import ConfigError, MedextractError
-from medextract.inference import DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, check_model_dir_files, load_engine
+from medextract.inference import DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, check_model_dir_files, dtype_note, load_engine
 from utils import HelpFormatter, fail, resolve_device, set_random_seed, silence_library_deprecations
 
 PROG = "serve.py"
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         check_model_dir_files(args.model_path)
+        print(dtype_note(args.dtype, device), flush=True)
         engine = load_engine(args.model_path, device, dtype_of(args, device), args.max_batch_size, True)
     except (MedextractError, ValueError) as e:
         fail(PROG, e)

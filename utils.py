@@ -703,6 +703,13 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX512-BF16, or AMX tiles: Cooper Lake, Sapphire Rapids,
+    Zen 4 and later), by torch's own capability checks; elsewhere torch emulates bf16, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bf16 in hardware: CUDA GPUs of compute capability 8.0 (Ampere) and later, and ROCm.
     torch.cuda.is_bf16_supported() also says yes for older GPUs that only emulate it (slower than fp32 there), and it

@@ -13,7 +13,7 @@ from utils import DTYPES, TRUNCATIONS, HelpFormatter, resolve_device, set_random
 from .engine import Decoding
 from .errors import ConfigError
 from .grammar import CONSTRAINTS
-from .inference import (DEFAULT_MODEL_PATH, Truncation, answer_dialogue, check_generation, predict_file,
+from .inference import (DEFAULT_MODEL_PATH, Truncation, answer_dialogue, check_generation, dtype_note, predict_file,
                         prepare_engine, resolve_dtype, trained_truncation)
 from .terminal import interactive
 
@@ -28,7 +28,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAU
                        help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
                        help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
-                            "fp32 on the CPU")
+                            "bf16 on a CPU that computes it natively (AVX512-BF16, AMX), else fp32")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool = True,
@@ -130,6 +130,7 @@ def run_extraction(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     decoding, truncation = decoding_of(args), truncation_of(args)
+    print(dtype_note(args.dtype, device), flush=True)
     engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
                             decoding, truncation, args.input_file, args.output_file)
     if args.input_file is None:

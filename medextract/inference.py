@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, append_jsonl, build_chatml_ids, check_output_path,
-                   check_run_settings, input_digest, iter_jsonl, load_tokenizer, native_bf16, one_line, pending)
+                   check_run_settings, cpu_computes_bf16, input_digest, iter_jsonl, load_tokenizer, native_bf16,
+                   one_line, pending)
 
 from .engine import Decoding, Engine, Result, extraction_request
 from .errors import AnswersFailed, ConfigError, InputError, MedextractError, ModelLoadError, OutputError
@@ -215,12 +216,25 @@ def run_settings(model_path: str, dtype: torch.dtype, decoding: Decoding, constr
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on the CPU."""
+    """`auto`: bf16 on a GPU that supports it, fp16 on other GPUs; on the CPU bf16 where it computes bf16 natively
+    (AVX512-BF16 or AMX: about 2x fp32's speed at the 1.8B width, bench/RESULTS.md), else fp32 (emulated half
+    precision is slower than fp32 there)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if native_bf16(device) else torch.float16
-        return torch.float32  # CPU half-precision matmuls are slow or missing on most CPUs
+        return torch.bfloat16 if device.type == "cpu" and cpu_computes_bf16() else torch.float32
     return DTYPES[name]
+
+
+def dtype_note(name: str, device: torch.device) -> str:
+    """The dtype `resolve_dtype` picks, and why, in one line for the scripts to print."""
+    dtype = str(resolve_dtype(name, device)).removeprefix("torch.")
+    if name != "auto":
+        return f"dtype: {dtype}"
+    if device.type == "cpu":
+        why = "this CPU computes bf16 natively" if dtype == "bfloat16" else "this CPU has no native bf16"
+        return f"dtype: {dtype} (--dtype auto: {why}; --dtype float32 for fp32)"
+    return f"dtype: {dtype} (--dtype auto on {device})"
 
 
 def load_model(model_path: str, device: torch.device, dtype: torch.dtype):
