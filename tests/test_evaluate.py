@@ -7,6 +7,7 @@ import time
 import pytest
 
 import evaluate as ev
+from medextract import metrics
 from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, format_output, input_digest
 
 # Our own short dialogues and extractions.
@@ -41,7 +42,7 @@ def assert_perfect(report: dict, n: int, grounded: float | None = 1.0):
 
 
 def test_report_schema():
-    report = ev.evaluate([gold(DIALOGUE_A, GOLD_A)], [pred(GOLD_A)])
+    report = metrics.score([gold(DIALOGUE_A, GOLD_A)], [pred(GOLD_A)])
     assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields", "overall",
                            "list_fields_micro"}
     assert list(report["fields"]) == list(EXTRACT_KEYS)
@@ -52,23 +53,23 @@ def test_report_schema():
 
 def test_truncated_answers_are_counted():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
-    report = ev.evaluate(golds, [pred(GOLD_A, truncated=True), pred(GOLD_B, truncated=False)])
+    report = metrics.score(golds, [pred(GOLD_A, truncated=True), pred(GOLD_B, truncated=False)])
     assert report["truncated"] == 1
-    assert ev.evaluate(golds, [pred(GOLD_A), pred(GOLD_B)])["truncated"] == 0  # files without the field
-    assert "cut at the token budget 1" in ev.format_table(report)
+    assert metrics.score(golds, [pred(GOLD_A), pred(GOLD_B)])["truncated"] == 0  # files without the field
+    assert "cut at the token budget 1" in metrics.format_table(report)
 
 
 def test_perfect():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
-    assert_perfect(ev.evaluate(golds, [pred(GOLD_A), pred(GOLD_B)]), 2)
+    assert_perfect(metrics.score(golds, [pred(GOLD_A), pred(GOLD_B)]), 2)
 
 
 def test_empty_vs_empty_is_perfect():
-    assert_perfect(ev.evaluate([gold(DIALOGUE_A, EMPTY)], [pred("{}")]), 1, grounded=None)  # no item to check
+    assert_perfect(metrics.score([gold(DIALOGUE_A, EMPTY)], [pred("{}")]), 1, grounded=None)  # no item to check
 
 
 def test_invalid_json_counts_as_empty():
-    report = ev.evaluate([gold(DIALOGUE_A, GOLD_A)], [pred("对不起，我不能回答。")])
+    report = metrics.score([gold(DIALOGUE_A, GOLD_A)], [pred("对不起，我不能回答。")])
     assert report["json_valid_rate"] == 0.0 and report["exact_match"] == 0.0
     assert report["grounded_rate"] is None  # nothing extracted: no grounded rate, rather than a perfect one
     for key in ("药品名称", "医疗检查", "现病史", "诊断结果"):  # gold has content: nothing found
@@ -79,7 +80,7 @@ def test_invalid_json_counts_as_empty():
 
 
 def test_invalid_json_is_never_an_exact_match():
-    report = ev.evaluate([gold(DIALOGUE_A, EMPTY)], [pred("not json")])
+    report = metrics.score([gold(DIALOGUE_A, EMPTY)], [pred("not json")])
     assert report["json_valid_rate"] == 0.0 and report["exact_match"] == 0.0
     assert_scores(report["overall"], 1, 1, 1)
 
@@ -88,24 +89,24 @@ def test_both_fence_forms_and_no_fence():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
     old_fence = "```\n\n" + json.dumps(GOLD_A, ensure_ascii=False) + "\n\n```"
     chatty = "结果如下：" + json.dumps(GOLD_B, ensure_ascii=False) + "\n以上。"
-    assert_perfect(ev.evaluate(golds, [pred(old_fence), pred(chatty)]), 2)
+    assert_perfect(metrics.score(golds, [pred(old_fence), pred(chatty)]), 2)
     # the gold side may use the old fence too
     golds[0]["output"] = old_fence
-    assert_perfect(ev.evaluate(golds, [pred(GOLD_A), pred(GOLD_B)]), 2)
+    assert_perfect(metrics.score(golds, [pred(GOLD_A), pred(GOLD_B)]), 2)
 
 
 def test_wrong_types_and_whitespace_still_match():
     odd = dict(GOLD_B, 药品名称=" 头孢 ", 现病史=["咳嗽", " 一周\n"])
-    assert_perfect(ev.evaluate([gold(DIALOGUE_B, GOLD_B)], [pred(odd)]), 1)
+    assert_perfect(metrics.score([gold(DIALOGUE_B, GOLD_B)], [pred(odd)]), 1)
     # single-quoted Python dict output
-    assert_perfect(ev.evaluate([gold(DIALOGUE_B, GOLD_B)], [pred(str(GOLD_B))]), 1)
+    assert_perfect(metrics.score([gold(DIALOGUE_B, GOLD_B)], [pred(str(GOLD_B))]), 1)
 
 
 def test_partial_matches_exact_numbers():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
     pred_a = dict(EMPTY, 药品名称=[" 布洛芬 ", "阿莫西林", ""], 现病史="发烧 三天", 诊断结果="急性胃肠炎")
     pred_b = dict(EMPTY, 药品名称=["头孢", "头孢"], 现病史="咳嗽")
-    report = ev.evaluate(golds, [pred(pred_a), pred(pred_b)])
+    report = metrics.score(golds, [pred(pred_a), pred(pred_b)])
     # 药品名称: {布洛芬, 阿莫西林} vs {布洛芬, 蒙脱石散}; {头孢} vs {头孢} -> TP 2, P 3, G 3
     assert_scores(report["fields"]["药品名称"], 2 / 3, 2 / 3, 2 / 3)
     # 医疗检查: nothing predicted, 1 expected
@@ -131,7 +132,7 @@ def test_hallucinated_items_are_ungrounded():
     # 头孢 is in dialogue B, not A: grounding is checked against the sample's own dialogue
     pred_a = dict(GOLD_A, 药物类别=["抗生素"], 医疗操作=["头孢"])
     pred_b = dict(GOLD_B, 医疗检查=["胸片", "血常规"])
-    report = ev.evaluate(golds, [pred(pred_a), pred(pred_b)])
+    report = metrics.score(golds, [pred(pred_a), pred(pred_b)])
     # items: A 布洛芬 蒙脱石散 血常规 抗生素 头孢 (3 grounded), B 头孢 胸片 血常规 (1 grounded)
     assert report["grounded_rate"] == pytest.approx(4 / 8)
     assert_scores(report["fields"]["药物类别"], 0, 0, 0)  # 1 predicted, none expected: recall 0 too
@@ -141,19 +142,19 @@ def test_hallucinated_items_are_ungrounded():
 
 def test_exact_match_rate():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
-    report = ev.evaluate(golds, [pred(GOLD_A), pred(dict(GOLD_B, 诊断结果="感冒"))])
+    report = metrics.score(golds, [pred(GOLD_A), pred(dict(GOLD_B, 诊断结果="感冒"))])
     assert report["exact_match"] == 0.5
 
 
 def test_alignment_by_id_and_by_order():
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
-    assert_perfect(ev.evaluate(golds, [pred(GOLD_B, id=1), pred(GOLD_A, id=0)]), 2)
+    assert_perfect(metrics.score(golds, [pred(GOLD_B, id=1), pred(GOLD_A, id=0)]), 2)
     # no prediction has an id: order decides
-    swapped = ev.evaluate(golds, [pred(GOLD_B), pred(GOLD_A)])
+    swapped = metrics.score(golds, [pred(GOLD_B), pred(GOLD_A)])
     assert swapped["exact_match"] == 0.0
     # ids refer to the gold lines given
-    assert_perfect(ev.evaluate(golds, [pred(GOLD_B, id=7), pred(GOLD_A, id=3)], gold_ids=[3, 7]), 2)
-    assert ev.align(golds, [pred(GOLD_B, id=1), pred(GOLD_A, id=0)]) == [(1, 0), (0, 1)]
+    assert_perfect(metrics.score(golds, [pred(GOLD_B, id=7), pred(GOLD_A, id=3)], gold_ids=[3, 7]), 2)
+    assert metrics.align(golds, [pred(GOLD_B, id=1), pred(GOLD_A, id=0)]) == [(1, 0), (0, 1)]
 
 
 @pytest.mark.parametrize("preds, message", [
@@ -169,7 +170,7 @@ def test_alignment_by_id_and_by_order():
 def test_alignment_errors(preds, message):
     golds = [gold(DIALOGUE_A, GOLD_A), gold(DIALOGUE_B, GOLD_B)]
     with pytest.raises(ValueError, match=message):
-        ev.evaluate(golds, preds)
+        metrics.score(golds, preds)
 
 
 def test_predictions_for_another_input_file_are_refused():
@@ -178,28 +179,28 @@ def test_predictions_for_another_input_file_are_refused():
     golds = [gold(DIALOGUE_A, GOLD_A), {"input": DIALOGUE_B, "output": format_output(GOLD_B)}]
     digests = [input_digest("抽取要素：\n" + DIALOGUE_A), input_digest(INSTRUCTION + DIALOGUE_B)]  # default instruction
     preds = [pred(GOLD_A, id=0, input_digest=digests[0]), pred(GOLD_B, id=1, input_digest=digests[1])]
-    assert_perfect(ev.evaluate(golds, preds, gold_ids=[0, 1]), 2)
+    assert_perfect(metrics.score(golds, preds, gold_ids=[0, 1]), 2)
     swapped = [pred(GOLD_B, id=1, input_digest=digests[1]), pred(GOLD_A, id=0, input_digest=digests[1])]
     with pytest.raises(ValueError, match=r"predictions: the prediction with id 0 was made for another dialogue than "
                                          r"gold line 1"):
-        ev.evaluate(golds, swapped, gold_ids=[0, 1])
+        metrics.score(golds, swapped, gold_ids=[0, 1])
     without_ids = [pred(GOLD_A, input_digest=digests[1]), pred(GOLD_B, input_digest=digests[1])]
     with pytest.raises(ValueError, match=r"predictions: prediction 0 was made for another dialogue than gold record 0"):
-        ev.evaluate(golds, without_ids)
+        metrics.score(golds, without_ids)
 
 
 def test_gold_errors():
     bad = {"input": DIALOGUE_A, "output": "没有答案"}
     with pytest.raises(ValueError, match=r"gold: record 1: the gold 'output' holds no JSON object"):
-        ev.evaluate([gold(DIALOGUE_A, GOLD_A), bad], [pred(GOLD_A), pred(GOLD_A)])
+        metrics.score([gold(DIALOGUE_A, GOLD_A), bad], [pred(GOLD_A), pred(GOLD_A)])
     with pytest.raises(ValueError, match="field 'input' is missing"):
-        ev.evaluate([{"output": format_output(GOLD_A)}], [pred(GOLD_A)])
+        metrics.score([{"output": format_output(GOLD_A)}], [pred(GOLD_A)])
     # a gold answer without all 8 keys is a broken test file, not a set of empty fields
     partial = {"input": DIALOGUE_A, "output": '```json\n{"药品名称": [], "现病史": "发烧"}\n```'}
     with pytest.raises(ValueError, match=r"gold: record 0: the gold 'output' lacks the key\(s\) 药物类别, 医疗检查"):
-        ev.evaluate([partial], [pred(GOLD_A)])
+        metrics.score([partial], [pred(GOLD_A)])
     with pytest.raises(ValueError, match="no records"):
-        ev.evaluate([], [])
+        metrics.score([], [])
 
 
 def slow_lcs(a: str, b: str) -> int:
@@ -217,9 +218,9 @@ def test_lcs_matches_the_textbook_dp():
         alphabet = rng.choice(alphabets)
         a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 70)))
         b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 70)))
-        assert ev.lcs_length(a, b) == slow_lcs(a, b), (a, b)
-    assert ev.lcs_length("发烧三天", "发烧两天") == 3
-    assert ev.lcs_length("", "abc") == 0 and ev.lcs_length("abc", "abc") == 3
+        assert metrics.lcs_length(a, b) == slow_lcs(a, b), (a, b)
+    assert metrics.lcs_length("发烧三天", "发烧两天") == 3
+    assert metrics.lcs_length("", "abc") == 0 and metrics.lcs_length("abc", "abc") == 3
 
 
 def test_lcs_is_fast_enough_for_a_test_set():
@@ -229,15 +230,15 @@ def test_lcs_is_fast_enough_for_a_test_set():
     start = time.perf_counter()
     for i in range(50):
         for _ in range(4):
-            ev.lcs_length(texts[2 * i], texts[2 * i + 1])
+            metrics.lcs_length(texts[2 * i], texts[2 * i + 1])
     assert time.perf_counter() - start < 2.0  # 200 pairs of 300 characters
 
 
 def test_prf_zero_conventions():
-    assert ev.prf(0, 0, 0) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-    assert ev.prf(0, 0, 5) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    assert ev.prf(0, 5, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    assert ev.prf(0, 3, 4) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert metrics.prf(0, 0, 0) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert metrics.prf(0, 0, 5) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert metrics.prf(0, 5, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert metrics.prf(0, 3, 4) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def test_cli_json_and_report_round_trip(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     with open(report_file, encoding="utf-8") as f:
         saved = json.load(f)
-    expected = ev.evaluate(golds, preds, gold_ids=[0, 2])
+    expected = metrics.score(golds, preds, gold_ids=[0, 2])
     assert printed == saved == expected
     assert saved["exact_match"] == 0.5 and saved["n"] == 2
     assert [p.name for p in report_file.parent.iterdir()] == ["r.json"]  # no temporary file left behind
@@ -298,7 +299,7 @@ def test_cli_compares_several_prediction_files(tmp_path, capsys):
         saved = json.load(f)
     assert list(saved) == paths
     for path, preds in zip(paths, files.values()):
-        assert saved[path] == ev.evaluate(golds, preds)
+        assert saved[path] == metrics.score(golds, preds)
     f1 = {line.split()[0]: line.split()[1:] for line in out if line.split() and line.split()[0] in EXTRACT_KEYS}
     assert f1["药品名称"] == ["1.0000", f"{saved[paths[1]]['fields']['药品名称']['f1']:.4f}"]
     assert f"[1] {paths[0]} (2 samples)" in out and f"[2] {paths[1]} (2 samples)" in out
@@ -344,9 +345,9 @@ def test_cli_bad_lines_name_file_line_and_field(tmp_path):
 
 
 def test_reference_test_set_against_itself(reference_dir):
-    ids, golds = ev.load_gold(os.path.join(reference_dir, "book_test.json"))
+    ids, golds = metrics.load_gold(os.path.join(reference_dir, "book_test.json"))
     preds = [{"id": i, "output": g["output"]} for i, g in zip(ids, golds)]
-    assert_perfect(ev.evaluate(golds, preds, gold_ids=ids), 50)
+    assert_perfect(metrics.score(golds, preds, gold_ids=ids), 50)
 
 
 def test_a_degenerate_answer_is_scored_invalid_not_a_crash(tmp_path, capsys):
