@@ -3,6 +3,10 @@ exact-match rate and the share of extracted list items that occur in the dialogu
 
     python evaluate.py --gold data/test.json --pred predictions.jsonl --report report.json
     python evaluate.py --gold data/test.json --pred predictions.jsonl predictions_base.jsonl predictions_openai.jsonl
+    python evaluate.py --gold data/test.json --pred predictions.jsonl predictions_base.jsonl --html report.html
+
+`--html` writes one self-contained page to look at the errors: the summary, then each dialogue (worst first) with
+its list items marked in the text as hit, extra or missed, and its text fields beside the gold ones, per character.
 
 `--pred` is what predict.py, test_qwen.py or test_openai.py wrote: JSON Lines with the raw model text in "output"
 and, usually, "id" (the 0-based line of the gold record). Both the gold and the predicted outputs are read with
@@ -25,6 +29,7 @@ import sys
 from typing import Sequence
 
 from medextract.metrics import format_comparison, format_table, load_gold, load_predictions, score
+from medextract.report import build_html
 from utils import HelpFormatter, atomic_write_text, check_output_path, fail
 
 PROG = "evaluate.py"
@@ -41,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--report", type=str, default=None,
                      help="also write the report as JSON to this file (atomically); by default nothing is written")
+    out.add_argument("--html", type=str, default=None,
+                     help="also write the report as one self-contained HTML page to this file: each dialogue with its "
+                          "items marked hit / extra / missed, worst first; by default nothing is written")
     out.add_argument("--json", action="store_true", help="print only the report, as JSON, instead of the table")
     args = parser.parse_args(argv)
     for flag, path in (("--gold", args.gold), *(("--pred", p) for p in args.pred)):
@@ -48,13 +56,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} {path}: no such file")
     if len(set(map(os.path.realpath, args.pred))) < len(args.pred):
         parser.error("--pred names the same file twice")
-    if args.report and os.path.realpath(args.report) in map(os.path.realpath, (args.gold, *args.pred)):
-        parser.error(f"--report {args.report} is one of the input files; it would be overwritten")
-    if args.report is not None:
+    for flag, path in (("--report", args.report), ("--html", args.html)):
+        if path is None:
+            continue
+        if os.path.realpath(path) in map(os.path.realpath, (args.gold, *args.pred)):
+            parser.error(f"{flag} {path} is one of the input files; it would be overwritten")
         try:
-            check_output_path(args.report, "--report")
+            check_output_path(path, flag)
         except ValueError as e:
             parser.error(str(e))
+    if args.report and args.html and os.path.realpath(args.report) == os.path.realpath(args.html):
+        parser.error("--report and --html name the same file")
     return args
 
 
@@ -62,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         gold_ids, golds = load_gold(args.gold)
-        reports = {path: score(golds, load_predictions(path), gold_ids=gold_ids, gold_name=args.gold,
-                               pred_name=path) for path in args.pred}
+        predictions = {path: load_predictions(path) for path in args.pred}
+        reports = {path: score(golds, preds, gold_ids=gold_ids, gold_name=args.gold, pred_name=path)
+                   for path, preds in predictions.items()}
     except ValueError as e:  # medextract's InputError, or a bad line iter_jsonl names
         fail(PROG, e)
     # one file: its report; several: {file: report}
@@ -74,10 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_text(args.report, text + "\n")
         except OSError as e:  # checked up front, so rare: a full disk, or a folder made read-only since
             fail(PROG, f"--report {args.report}: cannot write it ({e.strerror})")
+    if args.html:
+        try:
+            atomic_write_text(args.html, build_html(golds, gold_ids, predictions, reports, args.gold))
+        except OSError as e:
+            fail(PROG, f"--html {args.html}: cannot write it ({e.strerror})")
     if args.json:
         print(text, flush=True)
     else:
         print(format_table(report) if len(reports) == 1 else format_comparison(reports), flush=True)
+        if args.html:
+            print(f"report page: {args.html} (open it in a browser)", flush=True)
     return 0
 
 

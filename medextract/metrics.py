@@ -91,14 +91,15 @@ def align(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
 
 
 def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] | None = None,
-             gold_name: str = "gold", pred_name: str = "predictions") -> dict:
+          gold_name: str = "gold", pred_name: str = "predictions") -> dict:
     """The report for gold records ({input, output}) and prediction records ({output[, id]}).
 
     `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
     {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields": {key: {"precision", "recall",
-    "f1"}}, "overall": {...}, "list_fields_micro": {...}}; every rate is in [0, 1], except grounded_rate, which is
-    None when no list item was extracted at all (nothing to check, which is not the same as all grounded);
-    "truncated" counts the answers the token budget ended (their record's "truncated").
+    "f1"}}, "overall": {...}, "list_fields_micro": {...}, "counts": {list key: {"hit", "extra", "missed"}}}; every
+    rate is in [0, 1], except grounded_rate, which is None when no list item was extracted at all (nothing to
+    check, which is not the same as all grounded); "truncated" counts the answers the token budget ended (their
+    record's "truncated"); "counts" are the list fields' items predicted and gold, predicted only, gold only.
     """
     if not golds:
         raise InputError(f"{gold_name}: no records to evaluate")
@@ -160,9 +161,11 @@ def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
     # every extracted span of the 4 list fields counted alike, as entity-level extraction is usually scored
     spans = prf(*(sum(counts[k] for k in LIST_KEYS) for counts in (tp, n_pred, n_gold)))
     n = len(pairs)
+    # the list fields' items by verdict: hit (predicted and gold), extra (predicted only), missed (gold only)
+    counts = {k: {"hit": tp[k], "extra": n_pred[k] - tp[k], "missed": n_gold[k] - tp[k]} for k in LIST_KEYS}
     return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
             "grounded_rate": grounded / items if items else None, "truncated": truncated, "fields": fields,
-            "overall": overall, "list_fields_micro": spans}
+            "overall": overall, "list_fields_micro": spans, "counts": counts}
 
 
 def item_set(items: Sequence[str]) -> set[str]:
@@ -195,6 +198,27 @@ def lcs_length(a: str, b: str) -> int:
         u = v & masks.get(ch, 0)
         v = ((v + u) | (v - u)) & full
     return len(a) - bin(v).count("1")
+
+
+def lcs_alignment(a: str, b: str) -> tuple[list[bool], list[bool]]:
+    """Which characters of `a` and of `b` one longest common subsequence uses (as many as lcs_length counts), by
+    the classic table and a walk back from its end; for the report's per-character marks."""
+    rows = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) - 1, -1, -1):
+        row, below = rows[i], rows[i + 1]
+        for j in range(len(b) - 1, -1, -1):
+            row[j] = below[j + 1] + 1 if a[i] == b[j] else max(below[j], row[j + 1])
+    in_a, in_b = [False] * len(a), [False] * len(b)
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            in_a[i] = in_b[j] = True
+            i, j = i + 1, j + 1
+        elif rows[i + 1][j] >= rows[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return in_a, in_b
 
 
 def prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:

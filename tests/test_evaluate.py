@@ -44,7 +44,8 @@ def assert_perfect(report: dict, n: int, grounded: float | None = 1.0):
 def test_report_schema():
     report = metrics.score([gold(DIALOGUE_A, GOLD_A)], [pred(GOLD_A)])
     assert set(report) == {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields", "overall",
-                           "list_fields_micro"}
+                           "list_fields_micro", "counts"}
+    assert list(report["counts"]) == list(LIST_KEYS)
     assert list(report["fields"]) == list(EXTRACT_KEYS)
     for scores in list(report["fields"].values()) + [report["overall"], report["list_fields_micro"]]:
         assert set(scores) == {"precision", "recall", "f1"}
