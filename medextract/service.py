@@ -51,14 +51,15 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .api import span_offsets
 from .engine import Decoding, Engine, Request, Result, extraction_request
 from .grammar import AnswerGrammar, build_ebnf, check_ebnf
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChunkChoice, Delta, ErrorInfo, ErrorResponse, ExtractRequest,
                        ExtractResponse, GroundedItem, Health, ModelCard, ModelList, Usage, validation_error)
-from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
+from utils import INSTRUCTION, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
 
-STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")  # the repository's static/
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")  # the repo's
 POLL_SECONDS = 0.25  # how often a waiting handler looks whether its client is still there
 
 
@@ -183,7 +184,7 @@ class EngineWorker:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def decoding_of(call: ChatCompletionRequest, settings: ServiceSettings) -> Decoding:
+def request_decoding(call: ChatCompletionRequest, settings: ServiceSettings) -> Decoding:
     """A chat request's decoding: what it sets, serve.py's flags for the rest. Temperature 0 (or none, with greedy
     flags) is greedy, as predict.py."""
     for name in ("max_completion_tokens", "max_tokens"):
@@ -222,7 +223,7 @@ def answer_constraint(grammar: str, dialogue: str) -> str | None:
 
 def chat_request(engine: Engine, settings: ServiceSettings, call: ChatCompletionRequest) -> Request:
     """The engine request of a chat completion: the prompt exactly as training lays out (and cuts) this exchange."""
-    tokenizer, decoding = engine.tokenizer, decoding_of(call, settings)
+    tokenizer, decoding = engine.tokenizer, request_decoding(call, settings)
     system, user_text, client_grammar = call.system, call.user_text, call.grammar
     instruction_chars = len(INSTRUCTION) if user_text.startswith(INSTRUCTION) else 0
     dialogue = user_text[instruction_chars:]
@@ -273,20 +274,9 @@ def check_fits(engine: Engine, settings: ServiceSettings, request: Request) -> N
 
 
 def grounded_fields(fields: dict, dialogue: str) -> dict[str, list[GroundedItem] | str]:
-    """Each list item with the offsets of its first occurrence in `dialogue` (dialogue[start:end] == text); an item
-    the dialogue does not hold (never, under the grounded grammar) gets null offsets."""
-    out = {}
-    for key, value in fields.items():
-        if key in LIST_KEYS:
-            items = []
-            for text in value:
-                start = dialogue.find(text) if text else -1
-                items.append(GroundedItem(text=text, start=start if start >= 0 else None,
-                                          end=start + len(text) if start >= 0 else None))
-            out[key] = items
-        else:
-            out[key] = value
-    return out
+    """The fields with each list item located in `dialogue` as the Python API locates them (api.span_offsets)."""
+    return {key: [GroundedItem(text=s.text, start=s.start, end=s.end) for s in value] if isinstance(value, list)
+            else value for key, value in span_offsets(fields, dialogue).items()}
 
 
 def usage(result: Result) -> Usage:
@@ -334,7 +324,7 @@ async def answer_events(job: Job, http: HTTPRequest) -> AsyncIterator[str | Resu
             return
 
 
-async def generate(worker: EngineWorker, request: Request, http: HTTPRequest) -> Result:
+async def complete(worker: EngineWorker, request: Request, http: HTTPRequest) -> Result:
     """The result; APIError 499 if the client went away first (the answer is then cancelled), 500 if it failed."""
     async with answering(worker, request, http) as events:
         async for result in events:
@@ -466,7 +456,7 @@ async def model(name: str, settings: SettingsDep) -> ModelCard:
 async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep,
                   worker: WorkerDep) -> ExtractResponse:
     request, cut = await prepare(http, extract_request, worker.engine, settings, body.dialogue)
-    result = await generate(worker, request, http)
+    result = await complete(worker, request, http)
     fields, valid = parse_output(result.text)
     return ExtractResponse(fields=grounded_fields(fields, body.dialogue), valid=valid, truncated=result.truncated,
                            dialogue_cut=cut, output=result.text, finish_reason=finish_reason(result),
@@ -486,7 +476,7 @@ async def chat(call: ChatCompletionRequest, http: HTTPRequest, settings: Setting
         chunks = stream_chat(worker, request, http, ChatCompletionChunk(id=ident, created=created, model=name,
                                                                          choices=[]), call.include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    result = await generate(worker, request, http)
+    result = await complete(worker, request, http)
     message = AssistantMessage(content=result.text)
     return ChatCompletion(id=ident, created=created, model=name, usage=usage(result),
                           choices=[ChatCompletionChoice(message=message, finish_reason=finish_reason(result))])
