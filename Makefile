@@ -43,6 +43,9 @@ test: $(STAMP)
 
 demo: $(STAMP) $(DEMO)/report.json
 	@echo
+	@echo "==> the evaluation (a RANDOM tiny model: its F1 is 0; the pipeline, not extraction quality, is shown)"
+	@$(VPY) evaluate.py --gold data/test.json --pred $(PRED)
+	@echo
 	@echo "==> done. A random tiny model demonstrates the pipeline, not extraction quality."
 	@echo "    data split:      data/train.json, data/test.json"
 	@echo "    checkpoints:     $(RUN)/epoch-*  (best: $$($(VPY) -c "import json;print(json.load(open('$(RUN)/best_checkpoint.json'))['path'])"))"
@@ -50,6 +53,7 @@ demo: $(STAMP) $(DEMO)/report.json
 	@echo "    merged model:    $(MERGED)"
 	@echo "    predictions:     $(PRED)"
 	@echo "    evaluation:      $(DEMO)/report.json"
+	@echo "    report page:     $(DEMO)/report.html  (open it in a browser: each dialogue, its items hit / extra / missed)"
 
 $(TINY)/config.json: | $(STAMP)
 	@echo "==> make demo: a tiny RANDOM-WEIGHT Qwen shows every step of the pipeline on the CPU;"
@@ -92,7 +96,7 @@ $(PRED): $(MERGED)/config.json
 
 $(DEMO)/report.json: $(PRED)
 	@echo "==> evaluation (precision / recall / F1 per field)"
-	$(VPY) evaluate.py --gold data/test.json --pred $(PRED) --report $@
+	$(VPY) evaluate.py --gold data/test.json --pred $(PRED) --report $@ --html $(DEMO)/report.html --json > /dev/null
 
 bench: $(STAMP) data/train.json data/test.json
 	@echo "==> extraction throughput: the chapter's one-at-a-time way against batched generation"
