@@ -49,8 +49,9 @@ from medextract.grammar import CONSTRAINTS
 from medextract.inference import Example, read_examples
 from medextract.terminal import interactive, show_answer
 from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_output_path, check_run_settings,
-                   input_digest, pending)
+                   count_records, exclusive_output, fail, input_digest, pending)
 
+PROG = "test_openai.py"
 API_KEY_ENV = "OPENAI_API_KEY"
 
 
@@ -129,20 +130,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, dialogue, settings,
                                                            checker), show)
     try:
-        examples = read_examples(args.input_file)
-        pending(examples, args.output_file, args.input_file)  # a bad or foreign results file stops here
-        check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
-                                              "temperature": args.temperature, "max_tokens": args.max_tokens,
-                                              "json_mode": args.json_mode, "constraint": args.constraint},
-                           implied={"constraint": "none"})
+        with exclusive_output(args.output_file):  # one writer per results file, from its first read to the end
+            examples = read_examples(args.input_file)
+            pending(examples, args.output_file, args.input_file)  # a bad or foreign results file stops here
+            check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
+                                                  "temperature": args.temperature, "max_tokens": args.max_tokens,
+                                                  "json_mode": args.json_mode, "constraint": args.constraint},
+                               implied={"constraint": "none"})
+            failures = request_file(client, examples, args.output_file, settings, args.concurrency,
+                                    source=args.input_file, checker=checker)
     except ValueError as e:
-        raise SystemExit(f"test_openai.py: error: {e}") from None
-    try:
-        failures = request_file(client, examples, args.output_file, settings, args.concurrency,
-                                source=args.input_file, checker=checker)
+        fail(PROG, e)
+    except OSError as e:  # a full disk, say: every record written is whole, and a rerun resumes
+        fail(PROG, f"{e.filename or args.output_file}: cannot write it ({e.strerror}); the "
+                   f"{count_records(args.output_file)} whole answers written before are kept, and a rerun resumes")
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the answers so far are in {args.output_file}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        print(f"\ninterrupted: the {count_records(args.output_file)} answers in {args.output_file} are kept; rerun "
+              f"the same command to resume", file=sys.stderr, flush=True)
         return 130
     return 1 if failures else 0
 

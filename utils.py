@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -404,30 +406,77 @@ def apply_usual_permissions(root: str) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same directory, then an atomic rename."""
+    """Write a whole file or nothing: a temporary file in the same directory, then an atomic rename. An OSError
+    (a full disk, say) names `path`, and no temporary file is left behind."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 
 def append_jsonl(path: str, records: Iterable[dict]) -> None:
-    """Append whole lines and flush them to disk, so an interrupted run keeps everything written so far."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append whole lines and flush them to disk, so an interrupted run keeps everything written so far. A write
+    that fails (a full disk) is undone: the file is cut back to where it was, so no record is ever half on disk."""
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException as e:
+            os.ftruncate(fd, start)  # frees what the partial write took; needs no space
+            if isinstance(e, OSError):
+                raise OSError(e.errno, e.strerror, path) from None
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str) -> Iterator[None]:
+    """Be the one writer of the results file `path` while the block runs: an advisory lock (flock) on the file,
+    created empty if missing and removed again if still empty at the end. A second run on the same file fails at
+    once with ValueError instead of writing every answer a second time; the lock goes with the process, killed or
+    not."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    existed = os.path.exists(path)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{path}: another run is writing to it now; wait for it to end, or give another output "
+                         f"file") from None
+    try:
+        yield
+    finally:
+        if not existed and os.fstat(fd).st_size == 0:  # nothing was written: leave nothing behind
+            os.unlink(path)
+        os.close(fd)
+
+
+def count_records(path: str) -> int:
+    """Whole (newline-ended, non-blank) lines of a results file."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n") and line.strip())
 
 
 def input_digest(user_text: str) -> str:
@@ -439,8 +488,9 @@ def input_digest(user_text: str) -> str:
 def load_done(path: str) -> dict[int, str | None]:
     """{id: input digest (None in files written before digests were)} of the records already in a results file, for
     resuming. A run killed mid-write can leave its last line torn (no newline at the end, and not valid JSON): that
-    line alone is dropped from the file. Any other bad line stops with its line number, so nothing already written
-    is thrown away."""
+    tail is set aside in <path>.torn, with a note, and cut from the file in place (which needs no free space), so its
+    answer is generated again. Any other bad line stops with its line number, so nothing already written is thrown
+    away."""
     if not os.path.exists(path):
         return {}
     with open(path, "rb") as f:  # bytes: a kill can also cut a multi-byte character in two
@@ -455,14 +505,28 @@ def load_done(path: str) -> dict[int, str | None]:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
                 RecursionError):
             if lineno == len(lines) and not line.endswith(b"\n"):
-                atomic_write_text(path, b"".join(lines[:-1]).decode("utf-8"))
+                set_aside_torn_tail(path, len(b"".join(lines[:-1])), line)
                 break
             raise ValueError(f"{path}:{lineno}: not a result record with an integer 'id'; fix or remove the line "
                              f"(or pass another output file)") from None
     else:
         if lines and not lines[-1].endswith(b"\n"):  # whole but unterminated: end it, so appends start a new line
-            atomic_write_text(path, b"".join(lines).decode("utf-8") + "\n")
+            with open(path, "ab") as f:
+                f.write(b"\n")
     return done
+
+
+def set_aside_torn_tail(path: str, keep: int, tail: bytes) -> None:
+    """Cut a torn last line from a results file in place, keeping its bytes in <path>.torn where there is room."""
+    kept = f"{path}.torn"
+    try:
+        with open(kept, "ab") as f:
+            f.write(tail + b"\n")
+    except OSError as e:
+        kept = f"nowhere ({e.strerror})"
+    os.truncate(path, keep)
+    print(f"note: {path}: its last line was cut off by an earlier run ({len(tail)} bytes, not a whole record); set "
+          f"aside in {kept}, and that answer is generated again", file=sys.stderr, flush=True)
 
 
 def pending(examples: Sequence, output_file: str, source: str) -> tuple[list, int]:

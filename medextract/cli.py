@@ -4,17 +4,20 @@ argument groups to a parser and reads the parsed values into the library's setti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
-from utils import DTYPES, TRUNCATIONS, HelpFormatter, resolve_device, set_random_seed, silence_library_deprecations
+from utils import (DTYPES, TRUNCATIONS, HelpFormatter, exclusive_output, resolve_device, set_random_seed,
+                   silence_library_deprecations)
 
 from .engine import Decoding
-from .errors import ConfigError
+from .errors import ConfigError, MedextractError, OutputError
 from .grammar import CONSTRAINTS
-from .inference import (DEFAULT_MODEL_PATH, Truncation, answer_dialogue, check_generation, dtype_note, predict_file,
-                        prepare_engine, resolve_dtype, trained_truncation)
+from .inference import (DEFAULT_MODEL_PATH, Interrupted, Truncation, answer_dialogue, check_generation, dtype_note,
+                        predict_file, prepare_engine, resolve_dtype, trained_truncation)
 from .terminal import interactive
 
 
@@ -131,9 +134,34 @@ def run_extraction(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     decoding, truncation = decoding_of(args), truncation_of(args)
     print(dtype_note(args.dtype, device), flush=True)
-    engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
-                            decoding, truncation, args.input_file, args.output_file)
+    try:
+        return extract_as_asked(args, device, decoding, truncation)
+    except KeyboardInterrupt:  # while the model loads, say (predict_file says what it kept itself)
+        raise Interrupted("interrupted") from None
+
+
+def extract_as_asked(args: argparse.Namespace, device: torch.device, decoding: Decoding,
+                     truncation: Truncation) -> int:
     if args.input_file is None:
+        engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
+                                decoding, truncation)
         return interactive(lambda dialogue: answer_dialogue(engine, dialogue, decoding, args.constraint, truncation))
-    predict_file(engine, args.input_file, args.output_file, decoding, truncation, args.constraint)
+    with writing(args.output_file):  # one writer per results file, from before its first read to the end
+        engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
+                                decoding, truncation, args.input_file, args.output_file)
+        predict_file(engine, args.input_file, args.output_file, decoding, truncation, args.constraint)
     return 0
+
+
+@contextlib.contextmanager
+def writing(output_file: str) -> Iterator[None]:
+    """utils.exclusive_output, its refusal and file errors as the library's errors."""
+    try:
+        with exclusive_output(output_file):
+            yield
+    except MedextractError:  # the run's own errors, already in words
+        raise
+    except ValueError as e:
+        raise OutputError(str(e)) from None
+    except OSError as e:
+        raise OutputError(f"--output_file {output_file}: cannot write it ({e.strerror})") from None

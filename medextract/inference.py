@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, append_jsonl, build_chatml_ids, check_output_path,
-                   check_run_settings, cpu_computes_bf16, input_digest, iter_jsonl, load_tokenizer, native_bf16,
-                   one_line, pending)
+                   check_run_settings, count_records, cpu_computes_bf16, input_digest, iter_jsonl, load_tokenizer,
+                   native_bf16, one_line, pending)
 
 from .engine import Decoding, Engine, Result, extraction_request
 from .errors import AnswersFailed, ConfigError, InputError, MedextractError, ModelLoadError, OutputError
@@ -316,6 +316,8 @@ def prepare_engine(model_path: str, device: torch.device, dtype: torch.dtype, ba
         raise
     except ValueError as e:
         raise InputError(str(e)) from None
+    except OSError as e:  # the settings file beside the results (a full disk, a folder made read-only)
+        raise OutputError(f"{e.filename or output_file}: cannot write it ({e.strerror})") from None
     return load_engine(model_path, device, dtype, batch_size, constraint != "none")
 
 
@@ -406,11 +408,12 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
                 closed += result.truncated
                 bar.update(1)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: the {done + written} predictions in {output_file} are kept; rerun the same "
-                          f"command to resume") from None
+        raise Interrupted(f"interrupted: the {count_records(output_file)} predictions in {output_file} are kept; "
+                          f"rerun the same command to resume") from None
     except OSError as e:  # checked before the model loaded, so rare: a full disk, a folder made read-only since
-        raise OutputError(f"--output_file {output_file}: cannot append to it ({e.strerror}); the {done + written} "
-                          f"predictions written before are kept, and a rerun resumes") from None
+        raise OutputError(f"--output_file {output_file}: cannot append to it ({e.strerror}); the "
+                          f"{count_records(output_file)} whole predictions written before are kept, and a rerun "
+                          f"resumes") from None
     seconds = time.perf_counter() - start
     if failed:
         raise AnswersFailed(f"{len(failed)} answers failed (ids {', '.join(map(str, failed))}); the {written} "

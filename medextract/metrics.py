@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from typing import Sequence
 
 from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, answer_object, input_digest, iter_jsonl,
@@ -65,6 +66,12 @@ def align(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
     gold_ids = list(range(len(golds))) if gold_ids is None else list(gold_ids)
     if len(gold_ids) != len(golds):
         raise InputError(f"{len(gold_ids)} gold ids for {len(golds)} gold records")
+    repeated = sorted(i for i, n in Counter(p["id"] for p in preds if _is_int(p.get("id"))).items() if n > 1)
+    if repeated:  # before the count, whose hint ("finish the predictions") would not fit
+        shown = ", ".join(map(str, repeated[:10])) + (", …" if len(repeated) > 10 else "")
+        which = f"id {shown} occurs" if len(repeated) == 1 else f"ids {shown} occur"
+        raise InputError(f"{pred_name}: {which} more than once: the file holds the answers of two runs (written "
+                         f"at once, or appended twice); keep one answer per id, or predict again into a new file")
     if len(preds) != len(golds):
         raise InputError(f"{pred_name} has {len(preds)} predictions but {gold_name} has {len(golds)} records; "
                          f"finish the predictions (a rerun resumes) or point --gold at the file they came from")
