@@ -9,7 +9,7 @@ Batch: one JSON line per input record, `{"id", "output", "num_new_tokens", "trun
 each answer ends, so a rerun with the same --output_file resumes where the last one stopped (refused for other
 settings or another input file); `python evaluate.py` scores the file.
 
-    python predict.py --model_path output_dir_qlora/merged \
+    python predict.py --model_path output_dir_qlora/merged \\
         --input_file data/test.json --output_file predictions.jsonl --batch_size 8
 
 The prompt is `utils.build_chatml_ids(..., output=None)`, token for token the prefix the model was trained on (the

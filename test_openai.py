@@ -24,7 +24,7 @@ and serve.py take one, `extra_body={"structured_outputs": {"grammar": ...}}`; Op
 the default `none`. A server may ignore a field it does not know and still answer, so every answer is checked against
 the grammar it was sent: its record says `follows_grammar`, and the run ends by counting the answers that broke it.
 
-    python test_openai.py --base_url http://127.0.0.1:8000/v1 --model merged --constraint grounded \
+    python test_openai.py --base_url http://127.0.0.1:8000/v1 --model merged --constraint grounded \\
         --input_file data/test.json --output_file predictions_vllm.jsonl
 """
 from __future__ import annotations
