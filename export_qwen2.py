@@ -42,8 +42,10 @@ import torch
 from safetensors.torch import save_file
 
 from medextract.model_files import LOAD_ERRORS, check_model_files, check_vocabulary
-from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, build_chatml_ids, check_output_path,
-                   load_tokenizer, one_line, silence_library_deprecations)
+from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, apply_usual_permissions,
+                   build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, silence_library_deprecations)
+
+PROG = "export_qwen2.py"
 
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
@@ -80,10 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail(message: str) -> None:
-    raise SystemExit(f"export_qwen2.py: error: {message}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     silence_library_deprecations()
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 "check": report}
         with open(os.path.join(tmp, "export_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
-        usual_permissions(tmp)
+        apply_usual_permissions(tmp)  # mkdtemp makes 0700 and safetensors may write 0600
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -129,53 +127,55 @@ def validate(args: argparse.Namespace) -> None:
     """The source is a Qwen v1 directory, the output may be written, the shard size parses: all before loading."""
     path = args.model_path
     if not os.path.isdir(path):
-        fail(f"--model_path {path}: " + ("a file, not a model directory" if os.path.exists(path)
-                                         else "no such directory"))
+        fail(PROG, f"--model_path {path}: " + ("a file, not a model directory" if os.path.exists(path)
+                                               else "no such directory"))
     has = set(os.listdir(path))
     if "config.json" not in has:
         if "adapter_config.json" in has:
-            fail(f"--model_path {path} is a train.py checkpoint (a LoRA adapter), not a model: merge it first "
-                 f"(python merge_params.py --model_dir {path}) and export the merged directory")
-        fail(f"--model_path {path}: no config.json (not a model directory)")
+            fail(PROG, f"--model_path {path} is a train.py checkpoint (a LoRA adapter), not a model: merge it first "
+                       f"(python merge_params.py --model_dir {path}) and export the merged directory")
+        fail(PROG, f"--model_path {path}: no config.json (not a model directory)")
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
-        fail(f"--model_path {path}: cannot read config.json ({e})")
+        fail(PROG, f"--model_path {path}: cannot read config.json ({e})")
     if model_type == "qwen2":
-        fail(f"--model_path {path} is already in the Qwen2 format (config.json model_type qwen2): nothing to export")
+        fail(PROG, f"--model_path {path} is already in the Qwen2 format (config.json model_type qwen2): nothing to "
+                   f"export")
     if model_type != "qwen":
-        fail(f"--model_path {path}: config.json model_type is {model_type!r}, not 'qwen' (a Qwen v1 model such as "
-             f"Qwen-1_8B-Chat or a merge_params.py merge)")
+        fail(PROG, f"--model_path {path}: config.json model_type is {model_type!r}, not 'qwen' (a Qwen v1 model "
+                   f"such as Qwen-1_8B-Chat or a merge_params.py merge)")
     if not has & set(WEIGHT_FILES):
-        fail(f"--model_path {path}: no weights ({' / '.join(WEIGHT_FILES)})")
+        fail(PROG, f"--model_path {path}: no weights ({' / '.join(WEIGHT_FILES)})")
     if "qwen.tiktoken" not in has:
-        fail(f"--model_path {path}: no qwen.tiktoken (the tokenizer's vocabulary)")
+        fail(PROG, f"--model_path {path}: no qwen.tiktoken (the tokenizer's vocabulary)")
     try:
         args.max_shard_bytes = parse_size(args.max_shard_size)
     except ValueError as e:
-        fail(f"--max_shard_size {args.max_shard_size!r}: {e}")
+        fail(PROG, f"--max_shard_size {args.max_shard_size!r}: {e}")
 
     if args.output_dir is None:
         args.output_dir = os.path.normpath(path) + "-qwen2"
         print(f"saving to {args.output_dir} (--output_dir)")
     out, source = os.path.realpath(args.output_dir), os.path.realpath(path)
     if os.path.commonpath([out, source]) in (out, source):
-        fail(f"--output_dir {args.output_dir} is, holds or lies inside --model_path {path}; export somewhere else")
+        fail(PROG, f"--output_dir {args.output_dir} is, holds or lies inside --model_path {path}; export somewhere "
+                   f"else")
     if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--output_dir {args.output_dir} is a file")
+        fail(PROG, f"--output_dir {args.output_dir} is a file")
     if os.path.isdir(out) and os.listdir(out):
         if not args.overwrite:
-            fail(f"--output_dir {args.output_dir} is not empty; pass --overwrite to replace it")
+            fail(PROG, f"--output_dir {args.output_dir} is not empty; pass --overwrite to replace it")
         if not os.path.isfile(os.path.join(out, "config.json")):
-            fail(f"--output_dir {args.output_dir} holds no model (no config.json): --overwrite replaces an earlier "
-                 f"export only, never other files; empty it yourself or pick another")
+            fail(PROG, f"--output_dir {args.output_dir} holds no model (no config.json): --overwrite replaces an "
+                       f"earlier export only, never other files; empty it yourself or pick another")
     try:  # written beside itself and renamed into place; then the source's files, read as far as headers
         check_output_path(args.output_dir, "--output_dir", directory=True, replaced=True)
         check_model_files(path)
         check_vocabulary(path)
     except LOAD_ERRORS as e:
-        fail(one_line(e))
+        fail(PROG, one_line(e))
 
 
 def parse_size(text: str) -> int:
@@ -195,7 +195,7 @@ def source_config(model_path: str):
     try:
         config = QWenConfig.from_pretrained(model_path)
     except (ValueError, TypeError, OSError) as e:
-        fail(f"{where}: {e}")
+        fail(PROG, f"{where}: {e}")
     unsupported = [(config.rotary_pct != 1.0, f"rotary_pct {config.rotary_pct} (Qwen2 rotates whole heads)"),
                    (not config.no_bias, "no_bias false (Qwen2's o_proj and MLP have no bias)"),
                    (not config.scale_attn_weights, "scale_attn_weights false (Qwen2 scales by 1/sqrt(head_dim))"),
@@ -205,7 +205,7 @@ def source_config(model_path: str):
                     f"{SPECIAL_START_ID + len(SPECIAL_TOKENS)} tokens)")]
     for bad, what in unsupported:
         if bad:
-            fail(f"{where}: {what}: not expressible as Qwen2")
+            fail(PROG, f"{where}: {what}: not expressible as Qwen2")
     return config
 
 
@@ -507,7 +507,7 @@ def run_stock_check(export_dir: str, work_dir: str) -> dict:
     proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=work_dir, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        fail(f"the stock transformers check could not load or run the export: {last}; nothing written")
+        fail(PROG, f"the stock transformers check could not load or run the export: {last}; nothing written")
     with open(os.path.join(work_dir, "report.json"), encoding="utf-8") as f:
         return json.load(f)
 
@@ -551,24 +551,12 @@ def judge(report: dict, dtype: torch.dtype) -> None:
               f"same argmax at {report['source_prompt_argmax_agree']:.1%} / {report['source_random_argmax_agree']:.1%} "
               f"of positions", flush=True)
     if problems:
-        fail("; ".join(problems) + "; nothing written")
+        fail(PROG, "; ".join(problems) + "; nothing written")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Putting it in place
 # --------------------------------------------------------------------------------------------------------------
-
-
-def usual_permissions(directory: str) -> None:
-    """mkdtemp makes 0700 and safetensors may write 0600: give the export the modes the user's umask gives files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(directory):
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-    os.chmod(directory, 0o777 & ~umask)
 
 
 def replace_dir(tmp: str, target: str) -> None:

@@ -31,10 +31,12 @@ import tempfile
 
 import torch
 
-from medextract.model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
 from medextract.checkpoints import CHECKPOINT_NAME
-from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path,
+from medextract.model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
+from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path, fail,
                    load_tokenizer, one_line, resolve_device, silence_library_deprecations)
+
+PROG = "merge_params.py"
 
 # Largest allowed |merged - (base + adapter)| logit difference, relative to the largest |logit| (at least 1):
 # fp32 only reorders sums; 16-bit formats also round W + BA once.
@@ -66,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fail(message: str) -> None:
-    raise SystemExit(f"merge_params.py: error: {message}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     silence_library_deprecations()
@@ -77,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
     except ValueError as e:
-        fail(str(e))
-    dtype = resolve_dtype(args.dtype, args.ori_model_dir)
+        fail(PROG, str(e))
+    dtype = merge_dtype(args.dtype, args.ori_model_dir)
     print(f"merging {args.model_dir} into {args.ori_model_dir} in {str(dtype).removeprefix('torch.')} on {device}")
 
     from peft import PeftModel
@@ -90,12 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         base = QWenLMHeadModel.from_pretrained(args.ori_model_dir, dtype=dtype).to(device).eval()
     except LOAD_ERRORS as e:
-        fail(f"--ori_model_dir {args.ori_model_dir}: cannot load the model ({one_line(e)})")
+        fail(PROG, f"--ori_model_dir {args.ori_model_dir}: cannot load the model ({one_line(e)})")
     try:
         # torch_device: peft would otherwise read the adapter onto cuda:0 whatever --device says
         model = PeftModel.from_pretrained(base, args.model_dir, torch_device=str(device)).eval()
     except LOAD_ERRORS as e:
-        fail(f"--model_dir {args.model_dir}: cannot load the adapter ({one_line(e)})")
+        fail(PROG, f"--model_dir {args.model_dir}: cannot load the adapter ({one_line(e)})")
     probe = probe_input(tokenizer, device)
     with torch.no_grad():
         expected = model(input_ids=probe, use_cache=False).logits.float()
@@ -109,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         hint = ("" if dtype == torch.float32 else
                 f"; in {str(dtype).removeprefix('torch.')} part of this is rounding: --dtype float32 merges without "
                 f"it and tells a rounding gap from a wrong merge")
-        fail(f"the merged model's logits differ from base + adapter by {diff:.3e} > {allowed:.3e}; nothing "
-             f"written{hint}")
+        fail(PROG, f"the merged model's logits differ from base + adapter by {diff:.3e} > {allowed:.3e}; nothing "
+                   f"written{hint}")
 
     # The precision flags in config.json describe the saved weights (the chapter persisted bf16=true over fp16).
     merged.config.bf16, merged.config.fp16, merged.config.fp32 = (dtype == torch.bfloat16, dtype == torch.float16,
@@ -137,11 +135,11 @@ def merge_checked(model, dtype: torch.dtype) -> float:
     lost_sq = update_sq = worst_all = 0.0
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
     if not layers:
-        fail("the adapter wraps no layer of the base model: nothing to merge")
+        fail(PROG, "the adapter wraps no layer of the base model: nothing to merge")
     for name, module in layers:
         adapters = [a for a in module.active_adapters if a in module.lora_A]
         if any(a in getattr(module, "lora_variant", {}) or module.lora_bias.get(a) for a in adapters):
-            fail(f"{name}: DoRA-style variants and LoRA biases are not supported (train.py makes neither)")
+            fail(PROG, f"{name}: DoRA-style variants and LoRA biases are not supported (train.py makes neither)")
         exact, bound, layer_update_sq, rank = merge_reference(module, adapters, ref)
         update_sq += layer_update_sq
         weight = module.get_base_layer().weight
@@ -151,8 +149,8 @@ def merge_checked(model, dtype: torch.dtype) -> float:
         allowed = exact.abs_().mul_(eps + ref_eps).add_(bound, alpha=eps + (rank + 2) * matmul_eps).add_(tiny)
         worst = err.abs_().div_(allowed).max().item()
         if not worst <= 1.0:
-            fail(f"{name}: the merged weight differs from W + (alpha / r) * B @ A by up to {worst:.1f}x what rounding "
-                 f"to {dtype_name} allows; nothing written")
+            fail(PROG, f"{name}: the merged weight differs from W + (alpha / r) * B @ A by up to {worst:.1f}x what "
+                       f"rounding to {dtype_name} allows; nothing written")
         worst_all = max(worst_all, worst)
         del exact, bound, err
     lost = (lost_sq / update_sq) ** 0.5 if update_sq else 0.0
@@ -182,53 +180,55 @@ def merge_reference(module, adapters: list[str], ref: torch.dtype) -> tuple[torc
 
 def validate(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", args.max_shard_size, flags=re.IGNORECASE):
-        fail(f"--max_shard_size {args.max_shard_size!r}: expected a number and a unit, KB, MB, GB or TB (e.g. 2GB)")
+        fail(PROG, f"--max_shard_size {args.max_shard_size!r}: expected a number and a unit, KB, MB, GB or TB "
+                   f"(e.g. 2GB)")
     given = args.model_dir
     if not os.path.isdir(given):
-        fail(f"--model_dir {given}: no such directory (a train.py checkpoint, or the run's --output_dir)")
+        fail(PROG, f"--model_dir {given}: no such directory (a train.py checkpoint, or the run's --output_dir)")
     args.model_dir = resolve_checkpoint(given)
     if args.save_model_dir is None:
         run_dir = given if args.model_dir != given else os.path.dirname(os.path.abspath(args.model_dir))
         args.save_model_dir = os.path.join(run_dir, "merged")
         print(f"saving to {args.save_model_dir} (--save_model_dir)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_config.json")):
-        fail(f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
+        fail(PROG, f"--model_dir {args.model_dir}: no adapter_config.json (not a train.py checkpoint)")
     if not os.path.isfile(os.path.join(args.model_dir, "adapter_model.safetensors")):
-        fail(f"--model_dir {args.model_dir}: no adapter_model.safetensors (adapters are loaded from safetensors only, "
-             f"never from pickled .bin files)")
+        fail(PROG, f"--model_dir {args.model_dir}: no adapter_model.safetensors (adapters are loaded from "
+                   f"safetensors only, never from pickled .bin files)")
     named_by = ""
     if args.ori_model_dir is None:
         args.ori_model_dir, named_by = recorded_base(args.model_dir), " (named by its adapter_config.json)"
     if not os.path.isfile(os.path.join(args.ori_model_dir, "config.json")):
         problem = "no config.json (not a model directory)" if os.path.isdir(args.ori_model_dir) else \
             "no such directory (the base model train.py started from; README §1 says how to get Qwen-1_8B-Chat)"
-        fail(f"--ori_model_dir {args.ori_model_dir}{named_by}: {problem}"
-             + ("; pass --ori_model_dir" if named_by else ""))
+        fail(PROG, f"--ori_model_dir {args.ori_model_dir}{named_by}: {problem}"
+                   + ("; pass --ori_model_dir" if named_by else ""))
     try:
         check_adapter_files(args.model_dir, check_model_files(args.ori_model_dir))
         check_vocabulary(tokenizer_dir(args.model_dir, args.ori_model_dir))
     except ValueError as e:
-        fail(str(e))
+        fail(PROG, str(e))
     save = os.path.realpath(args.save_model_dir)
     # The save directory is replaced as a whole: it must not be, nor hold, anything the merge reads (a run directory
     # given as --model_dir holds the checkpoint merged, and all the others).
     for flag, path in (("--ori_model_dir", args.ori_model_dir), ("--model_dir", given),
                        ("--model_dir's checkpoint", args.model_dir)):
         if os.path.commonpath([save, os.path.realpath(path)]) == save:
-            fail(f"--save_model_dir {args.save_model_dir} is or holds {flag} {path}, which replacing it would "
-                 f"delete; save the merged model somewhere else")
+            fail(PROG, f"--save_model_dir {args.save_model_dir} is or holds {flag} {path}, which replacing it would "
+                       f"delete; save the merged model somewhere else")
     if os.path.exists(save) and not os.path.isdir(save):
-        fail(f"--save_model_dir {args.save_model_dir} is a file")
+        fail(PROG, f"--save_model_dir {args.save_model_dir} is a file")
     try:
         check_output_path(args.save_model_dir, "--save_model_dir", directory=True, replaced=True)
     except ValueError as e:
-        fail(str(e))
+        fail(PROG, str(e))
     if os.path.isdir(save) and os.listdir(save):
         if not args.overwrite:
-            fail(f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
+            fail(PROG, f"--save_model_dir {args.save_model_dir} is not empty; pass --overwrite to replace it")
         if not any(os.path.isfile(os.path.join(save, name)) for name in ("merge_info.json", "config.json")):
-            fail(f"--save_model_dir {args.save_model_dir} holds no model (no config.json): --overwrite replaces an "
-                 f"earlier merge or model directory only, never other files; empty it yourself or pick another")
+            fail(PROG, f"--save_model_dir {args.save_model_dir} holds no model (no config.json): --overwrite "
+                       f"replaces an earlier merge or model directory only, never other files; empty it yourself or "
+                       f"pick another")
 
 
 def resolve_checkpoint(model_dir: str) -> str:
@@ -240,18 +240,18 @@ def resolve_checkpoint(model_dir: str) -> str:
         with open(best_file, encoding="utf-8") as f:
             best = json.load(f)["path"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{best_file}: cannot read the best checkpoint's 'path' ({e})")
+        fail(PROG, f"{best_file}: cannot read the best checkpoint's 'path' ({e})")
     if not isinstance(best, str) or not best:
-        fail(f"{best_file}: its 'path' is {best!r:.60}, not the path of a checkpoint")
+        fail(PROG, f"{best_file}: its 'path' is {best!r:.60}, not the path of a checkpoint")
     # The checkpoint of that name inside model_dir first: the recorded path may be relative to where train.py ran,
     # or name the original of a copied run.
     inside = os.path.join(model_dir, os.path.basename(os.path.normpath(best)))
     best = inside if os.path.isdir(inside) else best
     if not os.path.isdir(best):
         left = sorted(d for d in os.listdir(model_dir) if CHECKPOINT_NAME.match(d))
-        fail(f"--model_dir {model_dir}: its best checkpoint {os.path.basename(os.path.normpath(best))} (named by "
-             f"best_checkpoint.json) no longer exists, in {model_dir} or at {best}; pass one of its checkpoints as "
-             f"--model_dir" + (f" ({', '.join(left)})" if left else " (it holds none)"))
+        fail(PROG, f"--model_dir {model_dir}: its best checkpoint {os.path.basename(os.path.normpath(best))} (named "
+                   f"by best_checkpoint.json) no longer exists, in {model_dir} or at {best}; pass one of its "
+                   f"checkpoints as --model_dir" + (f" ({', '.join(left)})" if left else " (it holds none)"))
     print(f"{model_dir}: its best checkpoint is {best}")
     return best
 
@@ -264,21 +264,22 @@ def recorded_base(checkpoint: str) -> str:
         with open(path, encoding="utf-8") as f:
             base = json.load(f).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError) as e:
-        fail(f"{path}: cannot read it ({e})")
+        fail(PROG, f"{path}: cannot read it ({e})")
     if not isinstance(base, str) or not base:
-        fail(f"{path}: names no base_model_name_or_path; pass --ori_model_dir")
+        fail(PROG, f"{path}: names no base_model_name_or_path; pass --ori_model_dir")
     print(f"base model (from {path}): {base}")
     return base
 
 
-def resolve_dtype(choice: str, model_dir: str) -> torch.dtype:
+def merge_dtype(choice: str, model_dir: str) -> torch.dtype:
+    """The dtype the merge is done and saved in: --dtype, or for auto the base config.json's torch_dtype."""
     if choice != "auto":
         return DTYPES[choice]
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     if name not in DTYPES:
-        fail(f"{model_dir}/config.json: unsupported dtype {name!r}; pass --dtype")
+        fail(PROG, f"{model_dir}/config.json: unsupported dtype {name!r}; pass --dtype")
     return DTYPES[name]
 
 
@@ -293,7 +294,7 @@ def checkpoint_tokenizer(model_dir: str, ori_model_dir: str):
     try:
         return load_tokenizer(source)
     except (OSError, ValueError) as e:  # validate() parsed the vocabulary, so rare
-        fail(f"{os.path.join(source, 'qwen.tiktoken')}: cannot load the tokenizer ({one_line(e)})")
+        fail(PROG, f"{os.path.join(source, 'qwen.tiktoken')}: cannot load the tokenizer ({one_line(e)})")
 
 
 def probe_input(tokenizer, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # --------------------------------------------------------------------------------------------------------------
 # Prompts and fields
@@ -720,6 +721,12 @@ def set_random_seed(seed: int) -> None:
 def print_rank_0(msg: Any, rank: int = 0) -> None:
     if rank <= 0:
         print(msg, flush=True)
+
+
+def log_rank_0(message: str, rank: int = 0) -> None:
+    """One log line on rank 0 that does not tear its progress bar."""
+    if rank <= 0:
+        tqdm.write(message)
 
 
 def default_device() -> str:

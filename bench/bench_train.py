@@ -1,12 +1,12 @@
 """Training cost of QLoRA at the chapter's settings: seconds per optimizer step, tokens/s and peak memory.
 
-The model is built by train.py's own `build_model` (4-bit NF4 with double quantisation, LoRA r=16 / alpha 64 on
-c_attn, c_proj, w1, w2, activation checkpointing), so this measures the project's model + QLoRA cost; the loop is
-a plain one (forward, backward, torch AdamW on the LoRA parameters every --gradient_accumulation_steps micro-batches),
-without DeepSpeed. Batches are --per_device_train_batch_size sequences of --seq_len tokens whose last --label_len
-tokens are labelled (the chapter's samples: about 870 tokens, 136 labelled), or real batches from --train_path.
-Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on the CPU. The last line printed
-is one JSON object.
+The model is built by train.py's own `build_model` (medextract.qlora: 4-bit NF4 with double quantisation, LoRA r=16
+/ alpha 64 on c_attn, c_proj, w1, w2, activation checkpointing), so this measures the project's model + QLoRA cost;
+the loop is a plain one (forward, backward, torch AdamW on the LoRA parameters every --gradient_accumulation_steps
+micro-batches), without DeepSpeed. Batches are --per_device_train_batch_size sequences of --seq_len tokens whose
+last --label_len tokens are labelled (the chapter's samples: about 870 tokens, 136 labelled), or real batches from
+--train_path. Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on the CPU. The last
+line printed is one JSON object.
 
     python -m bench.bench_train                                    # CPU: a small random model, full vocabulary
     python -m bench.bench_train --real_shape --device cuda         # GPU: the 1.8B shape, random weights
@@ -24,10 +24,12 @@ from typing import Sequence
 
 import torch
 
-
-import train
 from bench.common import add_model_args, apply_real_shape, machine_info, random_model, sync
-from utils import (DataCollator, HelpFormatter, IGNORE_INDEX, QwenPromptDataSet, load_tokenizer,
+from medextract.cli import add_lora_args
+from medextract.errors import ConfigError
+from medextract.qlora import QLoRASettings, build_model, resolve_precision
+from medextract.training import model_inputs
+from utils import (DataCollator, HelpFormatter, IGNORE_INDEX, QwenPromptDataSet, fail, load_tokenizer,
                    resolve_device, set_random_seed)
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="pass the collator's attention mask (an explicit SDPA mask) instead of train.py's plain "
                             "causal attention; the same loss either way")
 
-    train.add_lora_args(parser.add_argument_group("LoRA (train.py's flags and defaults)"))
+    add_lora_args(parser.add_argument_group("LoRA (train.py's flags and defaults)"))
 
     work = parser.add_argument_group("workload")
     work.add_argument("--per_device_train_batch_size", type=int, default=2, help="micro-batch size")
@@ -77,12 +79,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    precision = train.resolve_precision(args.precision, device)
+    try:
+        precision = resolve_precision(args.precision, device)
+    except ConfigError as e:
+        fail("bench_train.py", e)
     if args.model_name_or_path is None:
         args.model_name_or_path = random_model(args)
     args.gradient_checkpointing = not args.no_gradient_checkpointing
     set_random_seed(args.seed)  # here, so the LoRA init and dropout do not depend on whether the model was just built
-    model = train.build_model(args, precision, device)
+    settings = QLoRASettings(model_name_or_path=args.model_name_or_path, quantization=args.quantization,
+                             gradient_checkpointing=args.gradient_checkpointing, lora_dim=args.lora_dim,
+                             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    model = build_model(settings, precision, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     masters = cast_like_deepspeed(model, precision)
@@ -196,7 +204,7 @@ def micro_batches(args: argparse.Namespace, device: torch.device):
 
 def batch_inputs(batch: dict, device: torch.device, attention_mask: bool) -> dict:
     """As train.py feeds the model (no mask: right padding under causal attention needs none), or with the mask."""
-    return {k: v.to(device) for k, v in batch.items()} if attention_mask else train.model_inputs(batch, device)
+    return {k: v.to(device) for k, v in batch.items()} if attention_mask else model_inputs(batch, device)
 
 
 if __name__ == "__main__":

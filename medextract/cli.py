@@ -1,6 +1,7 @@
 """The flags that several scripts share, and what they turn into: predict.py, test_qwen.py and serve.py take the
-same model and generation flags, so each is defined here once. The scripts parse argv; this module only adds
-argument groups to a parser and reads the parsed values into the library's settings."""
+same model and generation flags, and train.py and bench/bench_train.py the same LoRA flags, so each is defined here
+once. The scripts parse argv; this module only adds argument groups to a parser and reads the parsed values into the
+library's settings."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ from .errors import ConfigError, MedextractError, OutputError
 from .grammar import CONSTRAINTS
 from .inference import (DEFAULT_MODEL_PATH, Interrupted, Truncation, answer_dialogue, check_generation, dtype_note,
                         predict_file, prepare_engine, resolve_dtype, trained_truncation)
+from .qlora import QLoRASettings
 from .terminal import interactive
 
 
@@ -82,6 +84,15 @@ def extraction_parser(description: str, model_path: str, output_file: str) -> ar
     add_generation_arguments(parser)
     add_batch_arguments(parser, output_file)
     return parser
+
+
+def add_lora_args(group) -> None:
+    """The LoRA flags of train.py and bench/bench_train.py, so both build the same adapter."""
+    defaults = QLoRASettings(model_name_or_path="")
+    group.add_argument("--lora_dim", type=int, default=defaults.lora_dim, help="LoRA rank r")
+    group.add_argument("--lora_alpha", type=int, default=defaults.lora_alpha,
+                       help="LoRA alpha; the update is scaled by alpha / r")
+    group.add_argument("--lora_dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA input")
 
 
 def decoding_of(args: argparse.Namespace) -> Decoding:

@@ -23,8 +23,10 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("torch", "transformers", "transformers.cache_utils", "peft", "openai", "safetensors", "tqdm",
-           "medextract.model_files", "medextract.inference", "medextract.cli", "data_helper", "evaluate", "train", "merge_params", "predict", "test_openai", "test_qwen",
-           "qwen1_8.make_tiny", "qwen1_8.modeling_qwen", "qwen1_8.tokenization_qwen", "export_qwen2")
+           "medextract.model_files", "medextract.inference", "medextract.cli", "medextract.checkpoints",
+           "medextract.qlora", "medextract.training", "medextract.distributed", "data_helper", "evaluate", "train",
+           "merge_params", "predict", "test_openai", "test_qwen", "qwen1_8.make_tiny", "qwen1_8.modeling_qwen",
+           "qwen1_8.tokenization_qwen", "export_qwen2")
 WORKERS = 2  # children at a time: most jobs stop in milliseconds, a few load a tokenizer
 
 

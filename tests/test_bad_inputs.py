@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from medextract import model_files
 import train
+from medextract import model_files
+from medextract.checkpoints import run_fingerprints
+from medextract.qlora import lora_target_names
 from utils import INSTRUCTION, check_output_path, format_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +131,9 @@ def fake_checkpoint(d: Path, argv: list, **fingerprint_changes) -> str:
     (ckpt / "deepspeed" / "state").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"global_step": 1}')
     (ckpt / "rng_state_rank0.json").write_text("{}")
-    fingerprints = {**train.run_fingerprints(train.parse_args(argv)), **fingerprint_changes}
+    args = train.parse_args(argv)
+    fingerprints = {**run_fingerprints(args.train_path, args.test_path, args.model_name_or_path),
+                    **fingerprint_changes}
     (ckpt / "train_args.json").write_text(json.dumps({"args": {}, "fingerprints": fingerprints}))
     return str(ckpt)
 
@@ -532,7 +536,7 @@ def shared(tiny_ckpt, tmp_path_factory) -> Shared:
                                    for i in range(4)])
     adapter = d / "adapter"
     base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=train.lora_target_names(base), task_type="CAUSAL_LM")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_names(base), task_type="CAUSAL_LM")
     get_peft_model(base, config).save_pretrained(str(adapter), safe_serialization=True)
     for name in ("qwen.tiktoken", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(tiny_ckpt, name), adapter / name)

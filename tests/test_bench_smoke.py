@@ -76,10 +76,11 @@ def test_bench_train_bf16_casts_like_deepspeed(tiny_ckpt):
     import torch
 
     import train
+    from medextract.qlora import build_model
 
     bench = load_script("bench_train")
     args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--lora_dim", "4"])
-    model = train.build_model(args, "bf16", torch.device("cpu"))
+    model = build_model(train.qlora_settings_of(args), "bf16", torch.device("cpu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # peft upcasts; DeepSpeed casts back
     masters = bench.cast_like_deepspeed(model, "bf16")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import merge_params
-import train
+from medextract.qlora import lora_target_names
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def adapter_dir(tiny_ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("adapter"))
     base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32)
     torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=train.lora_target_names(base), lora_dropout=0.0,
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=lora_target_names(base), lora_dropout=0.0,
                         init_lora_weights=False, task_type="CAUSAL_LM")
     get_peft_model(base, config).save_pretrained(out, safe_serialization=True)
     QWenTokenizer.from_pretrained(tiny_ckpt).save_pretrained(out)

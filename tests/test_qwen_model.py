@@ -207,9 +207,9 @@ def test_right_padding_does_not_change_real_positions(model):
 
 
 def test_right_padded_training_batch_needs_no_mask(tiny_ckpt, tokenizer):
-    """train.py drops the collator's attention mask (train.model_inputs): with right padding and causal attention the
-    loss and every gradient are the same as with the mask (to float rounding; bit for bit on this CPU)."""
-    import train
+    """train.py drops the collator's attention mask (medextract.training.model_inputs): with right padding and causal
+    attention the loss and every gradient are the same as with the mask (to float rounding; bit for bit on this CPU)."""
+    from medextract.training import model_inputs
     from utils import DataCollator
 
     model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).train()  # Qwen has no dropout
@@ -219,12 +219,12 @@ def test_right_padded_training_batch_needs_no_mask(tiny_ckpt, tokenizer):
     batch = DataCollator(tokenizer)(items)
     assert batch["attention_mask"][1].tolist().count(0) == 40 - 23  # really padded
     results = []
-    for inputs in (dict(batch), train.model_inputs(batch, torch.device("cpu"))):
+    for inputs in (dict(batch), model_inputs(batch, torch.device("cpu"))):
         model.zero_grad(set_to_none=True)
         loss = model(**inputs, use_cache=False, skip_logits=True).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert "attention_mask" not in train.model_inputs(batch, torch.device("cpu"))
+    assert "attention_mask" not in model_inputs(batch, torch.device("cpu"))
     (loss_mask, grads_mask), (loss_plain, grads_plain) = results
     torch.testing.assert_close(loss_plain, loss_mask, rtol=0, atol=1e-6)
     for a, b in zip(grads_plain, grads_mask):
@@ -353,7 +353,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
-    from train import enable_activation_checkpointing  # train.py's own switch, for either transformers API
+    from medextract.qlora import enable_activation_checkpointing  # train.py's switch, for either transformers API
 
     enable_activation_checkpointing(model)
     assert getattr(model, "is_activation_checkpointing", False) or getattr(model, "is_gradient_checkpointing", False)
@@ -367,7 +367,7 @@ def test_4bit_nf4_lora_step_on_cpu(tiny_ckpt, tokenizer):
     from transformers import BitsAndBytesConfig
     import bitsandbytes as bnb
 
-    from train import enable_activation_checkpointing
+    from medextract.qlora import enable_activation_checkpointing
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)

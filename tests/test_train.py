@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from medextract import checkpoints, distributed, qlora, training
+from medextract.errors import ConfigError, OutputError
 from utils import format_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,9 +180,9 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     assert step_3[1] == pytest.approx((2 * per_step[1][1] + 4 * per_step[2][1]) / 6, rel=1e-12)  # steps 2 and 3
     assert float(first_lines[0][4]) == pytest.approx(step_3[1], abs=1e-4)  # the same mean, unbroken by the stop
     # the sample order depends on --group_by_length: a resume that changes it is refused before anything loads
-    saved_plan = train.StepPlan(**read_json(os.path.join(final_a, "trainer_state.json"))["plan"])
-    with pytest.raises(SystemExit, match="was taken without --group_by_length; resume it the same way"):
-        train.resume(None, final_a, saved_plan, world_size=1, rank=0, group_by_length=True)
+    saved_plan = training.StepPlan(**read_json(os.path.join(final_a, "trainer_state.json"))["plan"])
+    with pytest.raises(ConfigError, match="was taken without --group_by_length; resume it the same way"):
+        checkpoints.resume(None, final_a, saved_plan, world_size=1, rank=0, group_by_length=True)
     # so is one with another learning rate (DeepSpeed would take it mid-schedule), or one that would stop in the past
     args = train.parse_args(flags(tiny_ckpt, data_dir, second))
     train.check_resume_flags(final_a, args)  # the same flags: fine
@@ -218,10 +220,11 @@ def test_a_resume_on_other_data_another_base_or_tokenizer_is_refused(single_run,
     checkpoint = os.path.join(single_run[0], "epoch-1-step-1")
     out = tmp_path / "out"
     recorded = read_json(os.path.join(checkpoint, "train_args.json"))["fingerprints"]
-    assert recorded == train.run_fingerprints(train.parse_args(flags(tiny_ckpt, data_dir, str(out))))
+    args = train.parse_args(flags(tiny_ckpt, data_dir, str(out)))
+    assert recorded == checkpoints.run_fingerprints(args.train_path, args.test_path, args.model_name_or_path)
     assert recorded["train_path"].startswith("sha256:") and recorded["model_name_or_path"].startswith("sampled-")
     moved = linked_copy(tiny_ckpt, tmp_path / "moved")
-    assert train.base_model_fingerprint(moved) == recorded["model_name_or_path"]
+    assert checkpoints.base_model_fingerprint(moved) == recorded["model_name_or_path"]
 
     with open(os.path.join(data_dir, "train.json"), encoding="utf-8") as f:
         lines = f.readlines()
@@ -245,7 +248,7 @@ def test_a_resume_on_other_data_another_base_or_tokenizer_is_refused(single_run,
     info = read_json(old / "train_args.json")
     del info["fingerprints"]
     (old / "train_args.json").write_text(json.dumps(info), encoding="utf-8")
-    train.check_resume_fingerprints(str(old), {**recorded, "train_path": "sha256:other"})
+    checkpoints.check_resume_fingerprints(str(old), {**recorded, "train_path": "sha256:other"})
     assert "records no fingerprints of its data and base model" in capsys.readouterr().out
 
 
@@ -330,8 +333,8 @@ def test_lora_on_every_linear_but_lm_head_at_the_1_8b_shape():
                         kv_channels=128, intermediate_size=11008)
     with torch.device("meta"):  # shapes only: nothing of the 1.8B is allocated
         model = QWenLMHeadModel(config)
-    assert train.lora_target_names(model) == ["c_attn", "c_proj", "w1", "w2"]
-    peft_model = train.add_lora(model, lora_dim=16, lora_alpha=64, lora_dropout=0.1)
+    assert qlora.lora_target_names(model) == ["c_attn", "c_proj", "w1", "w2"]
+    peft_model = qlora.add_lora(model, lora_dim=16, lora_alpha=64, lora_dropout=0.1)
     trainable, total = peft_model.get_nb_trainable_parameters()
     assert trainable == 13_418_496
     assert total == 1_836_828_672 + 13_418_496
@@ -342,7 +345,7 @@ def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_
     import bitsandbytes as bnb
 
     args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--quantization", quantization, "--lora_dim", "8"])
-    model = train.build_model(args, "fp32", torch.device("cpu"))
+    model = qlora.build_model(train.qlora_settings_of(args), "fp32", torch.device("cpu"))
     c_attn = model.base_model.model.transformer.h[0].attn.c_attn.base_layer
     assert isinstance(c_attn, bnb.nn.Linear4bit) == (quantization == "nf4")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -354,10 +357,10 @@ def test_build_model_adapts_the_same_layers_quantized_or_not(quantization, tiny_
 def test_an_evaluation_leaves_4bit_training_unchanged(tiny_ckpt):
     """On a CPU with AVX512-BF16 (this one, if `lscpu` lists avx512_bf16), bitsandbytes would repack every Linear4bit
     for its bf16 inference kernel at the first no-grad eval forward and keep it so until a state_dict (a checkpoint
-    save) unpacks it, lossily. After train.build_model, the loss, every LoRA gradient and the saved 4-bit base are
+    save) unpacks it, lossily. After qlora.build_model, the loss, every LoRA gradient and the saved 4-bit base are
     bit-identical before and after an evaluation, on any CPU."""
     args = train.parse_args(["--model_name_or_path", tiny_ckpt, "--lora_dim", "8", "--lora_dropout", "0"])
-    model = train.build_model(args, "fp32", torch.device("cpu"))
+    model = qlora.build_model(train.qlora_settings_of(args), "fp32", torch.device("cpu"))
     ids = torch.randint(0, 151_000, (2, 24), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
@@ -401,14 +404,14 @@ def test_a_new_run_leaves_nothing_that_speaks_of_the_last_one(tmp_path):
         (tmp_path / "epoch-2-step-9").mkdir(exist_ok=True)
 
     fill()
-    train.clear_run_outputs(str(tmp_path), best=None, resumed=False)
+    checkpoints.clear_run_outputs(str(tmp_path), best=None, resumed=False)
     assert sorted(os.listdir(tmp_path)) == ["epoch-2-step-9", "tensorboard"]
     assert os.listdir(tmp_path / "tensorboard") == ["notes.txt"]
     fill()
     best = {"path": str(tmp_path / "epoch-1-step-4"), "step": 4, "ppl": 1.7}
-    train.clear_run_outputs(str(tmp_path), best=best, resumed=True)
+    checkpoints.clear_run_outputs(str(tmp_path), best=best, resumed=True)
     assert read_json(tmp_path / "best_checkpoint.json") == best and (tmp_path / "train_loss.png").exists()
-    train.clear_run_outputs(str(tmp_path), best=None, resumed=True)  # resumed before any evaluation
+    checkpoints.clear_run_outputs(str(tmp_path), best=None, resumed=True)  # resumed before any evaluation
     assert not (tmp_path / "best_checkpoint.json").exists()
     assert len(os.listdir(tmp_path / "tensorboard")) == 2  # a resume purges the events past its step itself
 
@@ -421,35 +424,35 @@ def test_prune_checkpoints_keeps_the_newest_and_the_best(tmp_path):
     (tmp_path / "tensorboard").mkdir()
     (tmp_path / "epoch-9-step-99").write_text("a file, not a checkpoint")
     best = {"path": str(tmp_path / "epoch-1-step-9"), "step": 9, "ppl": 1.5}
-    deleted = train.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20")
+    deleted = checkpoints.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20")
     assert deleted == ["epoch-1-step-1", "epoch-2-step-10"]  # ordered by step, not by name
     assert sorted(os.listdir(tmp_path)) == ["epoch-1-step-9", "epoch-2-step-11", "epoch-3-step-20", "epoch-9-step-99",
                                             "tensorboard"]
-    assert train.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20") == []
-    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-3-step-20") == [
+    assert checkpoints.prune_checkpoints(str(tmp_path), keep=2, best=best, saved="epoch-3-step-20") == []
+    assert checkpoints.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-3-step-20") == [
         "epoch-1-step-9", "epoch-2-step-11"]
     # resumed from an earlier step than an abandoned run reached: the abandoned run's later checkpoint stays, and the
     # checkpoint just saved is kept whatever the step numbers around it
     (tmp_path / "epoch-1-step-5").mkdir()
-    assert train.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-1-step-5") == []
+    assert checkpoints.prune_checkpoints(str(tmp_path), keep=1, best=None, saved="epoch-1-step-5") == []
     assert sorted(os.listdir(tmp_path)) == ["epoch-1-step-5", "epoch-3-step-20", "epoch-9-step-99", "tensorboard"]
 
 
 def test_output_dir_not_shared_by_all_ranks_is_refused(tmp_path, monkeypatch):
     """Rank 0's marker file is seen by this rank only: the all-reduced count (here: no other rank adds its 1)
     falls short of the world size, and the run stops with a message instead of writing split checkpoints."""
-    monkeypatch.setattr(train.dist, "broadcast_object_list", lambda objects, src: None)
-    monkeypatch.setattr(train.dist, "barrier", lambda: None)
-    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor: None)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lambda objects, src: None)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: None)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor: None)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"--output_dir .*out: 1 of 2 ranks cannot see files that rank 0 writes"):
-        train.check_output_dir_shared(str(out), rank=0, world_size=2, device=torch.device("cpu"), wait_s=0.0)
+    with pytest.raises(OutputError, match=r"--output_dir .*out: 1 of 2 ranks cannot see files that rank 0 writes"):
+        distributed.check_output_dir_shared(str(out), rank=0, world_size=2, device=torch.device("cpu"), wait_s=0.0)
     assert os.listdir(out) == []  # the marker is removed
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with pytest.raises(SystemExit, match=r"--output_dir .*a_file/out: cannot write there"):
-        train.check_output_dir_shared(str(blocker / "out"), rank=0, world_size=2, device=torch.device("cpu"))
-    train.check_output_dir_shared(str(tmp_path / "single"), rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.raises(OutputError, match=r"--output_dir .*a_file/out: cannot write there"):
+        distributed.check_output_dir_shared(str(blocker / "out"), rank=0, world_size=2, device=torch.device("cpu"))
+    distributed.check_output_dir_shared(str(tmp_path / "single"), rank=0, world_size=1, device=torch.device("cpu"))
     assert not os.path.exists(tmp_path / "single")  # one process: nothing to check
 
 
@@ -479,7 +482,7 @@ def test_group_by_length_fills_micro_batches_with_similar_lengths():
     def shares(epoch, grouped, world_size=2, batch_size=2):
         out = []
         for rank in range(world_size):
-            sampler = train.ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+            sampler = training.ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                                         seed=1234)
             if grouped:
                 sampler.lengths, sampler.batch_size = lengths, batch_size
@@ -500,7 +503,7 @@ def test_group_by_length_fills_micro_batches_with_similar_lengths():
         assert padded_share(grouped) < padded_share(shares(epoch, False)) / 3
         assert shares(epoch, True) == grouped  # seeded: every rank and every resume computes the same
     assert shares(1, True) != shares(2, True)
-    sampler = train.ResumableDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=1234)
+    sampler = training.ResumableDistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=1234)
     sampler.lengths, sampler.batch_size = lengths, 2
     sampler.set_epoch(2)
     sampler.skip = 6
@@ -535,7 +538,7 @@ def test_test_perplexity_is_token_weighted_whatever_the_batch_size(tiny_ckpt, to
 
 
 def test_step_plan_counts_partial_windows():
-    plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
+    plan = training.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
     assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (303, 909, 27)  # the chapter's log
     assert plan.window_len(0) == 4 and plan.window_len(1207) == 4 and plan.window_len(1208) == 1
     assert sum(1 / plan.window_len(i) for i in range(1209)) == pytest.approx(plan.steps_per_epoch)
@@ -549,14 +552,15 @@ def ds_args(**overrides):
 
 
 def test_ds_config_is_filled_from_the_flags():
-    template = train.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
+    template = training.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
     assert "offload_param" not in template["zero_optimization"]
     assert "offload_optimizer" not in template["zero_optimization"]
     # one gradient bucket holds all 13,418,496 LoRA parameters of the 1.8B run, without DeepSpeed's 5e8 default
     assert 13_418_496 <= template["zero_optimization"]["reduce_bucket_size"] <= 5 * 10**7
     args = ds_args(weight_decay=0.05, adam_beta2=0.999, learning_rate=3e-4)
-    plan = train.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
-    cfg = train.build_ds_config(template, args, world_size=2, precision="bf16", plan=plan)
+    plan = training.StepPlan(micro_batches_per_epoch=1209, gas=4, epochs=3, warmup_ratio=0.03)
+    cfg = training.build_ds_config(template, train.optimizer_settings_of(args), world_size=2, precision="bf16",
+                                   plan=plan)
     assert "auto" not in json.dumps(cfg)
     assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["train_batch_size"] == 2 * 4 * 2
     assert cfg["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05,
@@ -568,15 +572,15 @@ def test_ds_config_is_filled_from_the_flags():
 
 
 def test_ds_config_never_overrides_a_flag_silently():
-    template = train.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
-    plan = train.StepPlan(micro_batches_per_epoch=10, gas=4, epochs=1, warmup_ratio=0.1)
+    template = training.load_ds_json(os.path.join(ROOT, "ds_zero2_no_offload.json"))
+    plan = training.StepPlan(micro_batches_per_epoch=10, gas=4, epochs=1, warmup_ratio=0.1)
     template["optimizer"]["params"]["weight_decay"] = 0.1
-    with pytest.raises(SystemExit, match="weight_decay is 0.1 but the command line gives 0.0"):
-        train.build_ds_config(template, ds_args(weight_decay=0.0), 1, "fp32", plan)
+    with pytest.raises(ConfigError, match="weight_decay is 0.1 but the command line gives 0.0"):
+        training.build_ds_config(template, train.optimizer_settings_of(ds_args(weight_decay=0.0)), 1, "fp32", plan)
     template["optimizer"]["params"]["weight_decay"] = "auto"
     template["scheduler"]["params"]["warmup_type"] = "cosine"  # the chapter's invalid value
-    with pytest.raises(SystemExit, match="warmup_type"):
-        train.build_ds_config(template, ds_args(), 1, "fp32", plan)
+    with pytest.raises(ConfigError, match="warmup_type"):
+        training.build_ds_config(template, train.optimizer_settings_of(ds_args()), 1, "fp32", plan)
 
 
 @pytest.mark.parametrize("case", ["missing_model_dir", "bad_data_line", "max_src_len", "bad_ds_json", "old_run",
@@ -623,7 +627,7 @@ def test_bad_input_fails_before_training(case, tiny_ckpt, data_dir, tmp_path):
 
 
 def test_a_curve_with_no_points_is_named_not_drawn(tmp_path, capsys):
-    train.write_plots({"train": [], "eval": [[2, 9.5], [4, 8.0]]}, str(tmp_path))
+    training.write_plots({"train": [], "eval": [[2, 9.5], [4, 8.0]]}, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["test_ppl.png"]
     assert "no train_loss.png: nothing to draw (fewer optimizer steps than --show_loss_step)" in capsys.readouterr().out
 
