@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from typing import Sequence
 
