@@ -30,6 +30,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -47,6 +48,10 @@ from medextract.checkpoints import (TrainState, check_resume_checkpoint, check_r
 from medextract.cli import add_lora_args
 from medextract.distributed import check_output_dir_shared, init_distributed
 from medextract.errors import MedextractError
+from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gather_answers, load_f1_evaluation,
+                                   score_answers)
+from medextract.grammar import build_vocabulary
+from medextract.inference import MIN_CONSTRAINED_TOKENS, Truncation
 from medextract.model_files import check_model_files, check_vocabulary
 from medextract.qlora import QLoRASettings, build_model, resolve_precision
 from medextract.training import (OptimizerSettings, ResumableDistributedSampler, StepPlan, build_ds_config,
@@ -116,6 +121,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="log the mean training loss every N optimizer steps (and at the last)")
     run.add_argument("--save_model_step", type=int, default=100,
                      help="evaluate and checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends")
+    run.add_argument("--select_by", choices=("f1", "ppl"), default="f1",
+                     help="what picks the best checkpoint (best_checkpoint.json, which merge_params.py merges): f1 = "
+                          "extraction F1 of the test set's answers, generated at each evaluation as predict.py would "
+                          "(grounded, greedy); ppl = test perplexity alone, no generation (faster)")
+    run.add_argument("--eval_max_new_tokens", type=int, default=512,
+                     help="with --select_by f1: most new tokens per test answer (predict.py's --max_tgt_len)")
+    run.add_argument("--eval_samples", type=int, default=0,
+                     help="with --select_by f1: answer only the first N test records (bounds the cost on a large "
+                          "test set); 0 = all")
+    run.add_argument("--eval_generation_batch_size", type=int, default=8,
+                     help="with --select_by f1: test answers generated together per rank")
     run.add_argument("--save_total_limit", type=int, default=0,
                      help="keep only the N newest checkpoints, plus the best one; 0 = keep all (a 1.8B "
                           "checkpoint is ~0.28 GB: the adapter and its fp32 Adam state)")
@@ -154,6 +170,11 @@ def run_training(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as e:
         fail(PROG, f"--model_name_or_path {args.model_name_or_path}: cannot load the tokenizer ({one_line(e)})")
     train_set, test_set = build_datasets(args, tokenizer, rank=int(os.environ.get("RANK", "0")))
+    f1_evaluation = None
+    if args.select_by == "f1":
+        f1_evaluation = load_f1_evaluation(args.test_path, args.eval_samples, args.eval_max_new_tokens,
+                                           Truncation(args.max_len, args.max_src_len, args.truncation),
+                                           args.eval_generation_batch_size)
 
     rank, world_size, device = init_distributed()
     check_output_dir_shared(args.output_dir, rank, world_size, device)
@@ -181,7 +202,8 @@ def run_training(args: argparse.Namespace) -> None:
     writer = None
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        clear_run_outputs(args.output_dir, state.best, resumed=bool(args.resume_from_checkpoint))
+        clear_run_outputs(args.output_dir, best_record(state, args.select_by) if state.best else None,
+                          resumed=bool(args.resume_from_checkpoint))
         atomic_write_text(os.path.join(args.output_dir, "train_args.json"), to_json(run_info))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -189,7 +211,7 @@ def run_training(args: argparse.Namespace) -> None:
                                purge_step=state.global_step + 1 if state.global_step else None)
     ctx = RunContext(args=args, plan=plan, engine=engine, tokenizer=tokenizer, device=device, rank=rank,
                      world_size=world_size, test_loader=test_loader, writer=writer, run_info=run_info,
-                     loss_window=loss_window)
+                     loss_window=loss_window, f1_evaluation=f1_evaluation)
 
     engine.train()
     for epoch in range(state.epoch, plan.epochs + 1):
@@ -222,6 +244,15 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("save_model_step", "stop_after_steps", "weight_decay", "save_total_limit"):
         if getattr(args, flag) < 0:
             fail(PROG, f"--{flag} must not be negative (got {getattr(args, flag)})")
+    if args.select_by == "f1":
+        if not args.test_path:
+            fail(PROG, "--select_by f1 scores the answers to --test_path, which is empty; give a test file, or "
+                       "--select_by ppl")
+        if args.eval_max_new_tokens < MIN_CONSTRAINED_TOKENS:
+            fail(PROG, f"--eval_max_new_tokens must be at least {MIN_CONSTRAINED_TOKENS} (the empty answer alone "
+                       f"takes 46 tokens), got {args.eval_max_new_tokens}")
+        if args.eval_samples < 0 or args.eval_generation_batch_size < 1:
+            fail(PROG, "--eval_samples must not be negative and --eval_generation_batch_size at least 1")
     if args.learning_rate <= 0:
         fail(PROG, f"--learning_rate must be positive (got {args.learning_rate})")
     if not 0 <= args.warmup_ratio < 1:
@@ -266,7 +297,7 @@ def validate_args(args: argparse.Namespace) -> None:
 # What decides the weights a run ends with, beyond the step plan and world size that resume() compares.
 RESUME_SAME_FLAGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_len",
                      "max_src_len", "truncation", "is_skip", "quantization", "precision", "lora_dim", "lora_alpha",
-                     "lora_dropout")
+                     "lora_dropout", "select_by", "eval_max_new_tokens", "eval_samples")
 
 
 def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:
@@ -379,6 +410,8 @@ class RunContext:
     # (sum of micro-batch losses, count) since the last logged step: it runs across epoch ends and, through each
     # rank's rng_state_rank{r}.json, across a resume, so every logged loss is the mean over its --show_loss_step steps
     loss_window: torch.Tensor
+    f1_evaluation: F1Evaluation | None = None  # with --select_by f1: the test records to answer and score
+    vocabulary: object = None  # the answer grammar's, built at the first F1 evaluation
 
 
 def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> None:
@@ -450,25 +483,70 @@ def evaluate(engine, loader: DataLoader, device: torch.device) -> float:
 def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
     name = f"epoch-{state.epoch}-step-{state.global_step}"
     path = os.path.join(ctx.args.output_dir, name)
+    carried = {}  # files the checkpoint carries: its test answers and their report
     if ctx.test_loader is not None:
         ppl = evaluate(ctx.engine, ctx.test_loader, ctx.device)
         state.history["eval"].append([state.global_step, ppl])
-        if state.best is None or ppl < state.best["ppl"]:
-            state.best = {"path": path, "step": state.global_step, "ppl": ppl}
+        f1 = None
+        if ctx.f1_evaluation is not None:
+            summary, carried = evaluate_f1(ctx)
+            f1 = summary["f1"]
+            state.history.setdefault("f1", []).append([state.global_step, f1, summary["list_micro_f1"]])
+        best_f1 = state.best.get("f1") if state.best is not None else None
+        if state.best is None or (f1 > (-1.0 if best_f1 is None else best_f1) if f1 is not None
+                                  else ppl < state.best["ppl"]):
+            state.best = {"path": path, "step": state.global_step, "ppl": ppl, "f1": f1}  # ties: the earliest
         if ctx.rank == 0:
             ctx.writer.add_scalar("test_ppl", ppl, state.global_step)
+            scores = f" | test_ppl {ppl:.4f}"
+            if f1 is not None:
+                scores += (f" | f1 {f1:.4f} | list_f1 {summary['list_micro_f1']:.4f} | "
+                           + " ".join(f"{key} {value:.3f}" for key, value in summary["fields"].items()))
+                ctx.writer.add_scalar("test_f1/macro", f1, state.global_step)
+                ctx.writer.add_scalar("test_f1/list_micro", summary["list_micro_f1"], state.global_step)
+                for key, value in summary["fields"].items():
+                    ctx.writer.add_scalar(f"test_f1/{key}", value, state.global_step)
+            best = state.best["f1"] if f1 is not None else state.best["ppl"]
             log_rank_0(f"eval | epoch {state.epoch}/{ctx.plan.epochs} | step {state.global_step}/"
-                       f"{ctx.plan.total_steps} | test_ppl {ppl:.4f} | best {state.best['ppl']:.4f} "
-                       f"at step {state.best['step']}", ctx.rank)
+                       f"{ctx.plan.total_steps}{scores} | best {ctx.args.select_by} {best:.4f} at step "
+                       f"{state.best['step']}", ctx.rank)
     state.last_saved_step = state.global_step
     save_checkpoint(ctx.engine, ctx.tokenizer, ctx.args.output_dir, name, state, ctx.plan, ctx.run_info,
-                    ctx.loss_window, ctx.rank, ctx.world_size)
+                    ctx.loss_window, ctx.rank, ctx.world_size, carried)
     if ctx.rank == 0:
-        if state.best is not None and state.best["step"] == state.global_step:
-            write_best_checkpoint(ctx.args.output_dir, state.best)
+        if state.best is not None:
+            write_best_checkpoint(ctx.args.output_dir, best_record(state, ctx.args.select_by))
         if ctx.args.save_total_limit:
             prune_checkpoints(ctx.args.output_dir, ctx.args.save_total_limit, state.best, name)
         ctx.writer.flush()
+
+
+def evaluate_f1(ctx: RunContext) -> tuple[dict, dict[str, str]]:
+    """The test set answered by the model as it stands (each rank its share, rank 0 gathers and scores): the F1
+    summary on every rank, and on rank 0 the files the checkpoint carries (eval_predictions.jsonl, eval_report.json)."""
+    if ctx.vocabulary is None:
+        ctx.vocabulary = build_vocabulary(ctx.tokenizer, ctx.engine.module.config.vocab_size)
+    ctx.engine.eval()
+    records = answer_share(ctx.engine.module, ctx.tokenizer, ctx.vocabulary, ctx.f1_evaluation, ctx.rank,
+                           ctx.world_size)
+    ctx.engine.train()
+    gathered = gather_answers(records, ctx.rank, ctx.world_size)
+    carried, message = {}, [None]
+    if ctx.rank == 0:
+        report = score_answers(ctx.f1_evaluation, gathered)
+        message = [f1_summary(report)]
+        carried = {"eval_predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gathered),
+                   "eval_report.json": json.dumps(report, ensure_ascii=False, indent=2) + "\n"}
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(message, src=0)  # every rank picks the same best checkpoint
+    return message[0], carried
+
+
+def best_record(state: TrainState, select_by: str) -> dict:
+    """best_checkpoint.json: the best checkpoint by `select_by`, and both metrics of every evaluation so far."""
+    f1_at = {row[0]: row[1] for row in state.history.get("f1", [])}
+    evaluations = [{"step": step, "ppl": ppl, "f1": f1_at.get(step)} for step, ppl in state.history["eval"]]
+    return {**state.best, "select_by": select_by, "evaluations": evaluations}
 
 
 def should_stop(args: argparse.Namespace, state: TrainState) -> bool:
@@ -481,7 +559,8 @@ def finish(ctx: RunContext, state: TrainState) -> None:
         write_plots(state.history, ctx.args.output_dir)
         if state.best is not None:
             best = state.best
-            print_rank_0(f"best checkpoint: {best['path']} (step {best['step']}, test ppl {best['ppl']:.4f})")
+            f1 = f", test F1 {best['f1']:.4f}" if best.get("f1") is not None else ""
+            print_rank_0(f"best checkpoint: {best['path']} (step {best['step']}, test ppl {best['ppl']:.4f}{f1})")
         print_rank_0(f"done: {state.global_step}/{ctx.plan.total_steps} optimizer steps; outputs in "
                      f"{ctx.args.output_dir}")
     dist.barrier()

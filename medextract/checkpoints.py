@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")  # output_dir/epoch-E-step-G, G = optimizer steps so far
 DS_STATE_DIR, DS_STATE_TAG = "deepspeed", "state"  # DeepSpeed's optimizer/scheduler state in each checkpoint
 BEST_CHECKPOINT = "best_checkpoint.json"  # beside the checkpoints: {"path", "step", "ppl"} of the best so far
-RUN_OUTPUTS = (BEST_CHECKPOINT, "train_loss.png", "test_ppl.png")  # beside the checkpoints, of one run
+RUN_OUTPUTS = (BEST_CHECKPOINT, "train_loss.png", "test_ppl.png", "test_f1.png")  # beside the checkpoints, of one run
 
 
 @dataclass
@@ -47,8 +47,9 @@ class TrainState:
     micro_in_epoch: int = 0  # micro-batches of this epoch already applied
     global_step: int = 0  # optimizer steps taken
     last_saved_step: int = -1
-    best: dict | None = None  # {"path", "step", "ppl"}
-    history: dict = field(default_factory=lambda: {"train": [], "eval": []})  # [step, loss, lr], [step, ppl]
+    best: dict | None = None  # {"path", "step", "ppl", "f1"}
+    # [step, loss, lr], [step, ppl], and with --select_by f1 [step, macro F1, list micro F1]
+    history: dict = field(default_factory=lambda: {"train": [], "eval": [], "f1": []})
 
 
 def checkpoint_step(name: str) -> int:
@@ -67,11 +68,13 @@ def list_checkpoints(directory: str) -> list[str]:
 
 
 def save_checkpoint(engine, tokenizer, output_dir: str, name: str, state: TrainState, plan: StepPlan, run_info: dict,
-                    loss_window: torch.Tensor, rank: int, world_size: int) -> None:
+                    loss_window: torch.Tensor, rank: int, world_size: int,
+                    carried: dict[str, str] | None = None) -> None:
     """output_dir/`name`/: adapter_model.safetensors + adapter_config.json, tokenizer files, train_args.json
     (`run_info`), trainer_state.json, rng_state_rank{r}.json (the rank's RNG streams and unlogged `loss_window`)
     and deepspeed/state/ (DeepSpeed's adapter, optimizer and scheduler state; ZeRO-2 writes one optimizer file per
-    rank). Every rank calls it. Written under a temporary name and renamed, so a crash leaves no half checkpoint."""
+    rank), and on rank 0 the text files in `carried` ({name: text}: the evaluation's answers and report). Every rank
+    calls it. Written under a temporary name and renamed, so a crash leaves no half checkpoint."""
     final = os.path.join(output_dir, name)
     tmp = os.path.join(output_dir, f".tmp-{name}")
     if rank == 0:
@@ -87,6 +90,8 @@ def save_checkpoint(engine, tokenizer, output_dir: str, name: str, state: TrainS
         atomic_write_text(os.path.join(tmp, "train_args.json"), to_json(run_info))
         atomic_write_text(os.path.join(tmp, "trainer_state.json"),
                           to_json({**asdict(state), "plan": asdict(plan), "world_size": world_size}))
+        for filename, text in (carried or {}).items():
+            atomic_write_text(os.path.join(tmp, filename), text)
     dist.barrier()
     if rank == 0:
         apply_usual_permissions(tmp)  # safetensors writes the adapter 0600
@@ -102,7 +107,8 @@ def rank_state_path(checkpoint: str, rank: int) -> str:
 
 
 def write_best_checkpoint(output_dir: str, best: dict) -> None:
-    """best_checkpoint.json: {"path", "step", "ppl"} of the best checkpoint so far (merge_params.py merges it)."""
+    """best_checkpoint.json: {"path", "step", "ppl", "f1", ...} of the best checkpoint so far (merge_params.py merges
+    its "path")."""
     atomic_write_text(os.path.join(output_dir, BEST_CHECKPOINT), to_json(best))
 
 

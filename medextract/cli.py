@@ -11,8 +11,8 @@ from typing import Iterator
 
 import torch
 
-from utils import (DTYPES, TRUNCATIONS, HelpFormatter, exclusive_output, resolve_device, set_random_seed,
-                   silence_library_deprecations)
+from utils import (DTYPES, TRUNCATIONS, HelpFormatter, check_output_path, exclusive_output, resolve_device,
+                   set_random_seed, silence_library_deprecations)
 
 from .engine import Decoding
 from .errors import ConfigError, MedextractError, OutputError
@@ -168,6 +168,7 @@ def extract_as_asked(args: argparse.Namespace, device: torch.device, decoding: D
 def writing(output_file: str) -> Iterator[None]:
     """utils.exclusive_output, its refusal and file errors as the library's errors."""
     try:
+        check_output_path(output_file, "--output_file")  # a folder there, no permission: named before the lock
         with exclusive_output(output_file):
             yield
     except MedextractError:  # the run's own errors, already in words

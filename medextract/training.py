@@ -208,15 +208,19 @@ def library_versions() -> dict:
 
 
 def write_plots(history: dict, output_dir: str) -> None:
-    """train_loss.png and test_ppl.png, like the chapter's TensorBoard figures: raw line plus a smoothed one."""
+    """train_loss.png, test_ppl.png and (with --select_by f1) test_f1.png, like the chapter's TensorBoard figures: raw
+    line plus a smoothed one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     for key, column, title, filename in (("train", 1, "train_loss", "train_loss.png"),
-                                         ("eval", 1, "test_ppl", "test_ppl.png")):
-        rows = history[key]
+                                         ("eval", 1, "test_ppl", "test_ppl.png"),
+                                         ("f1", 1, "test_f1 (macro)", "test_f1.png")):
+        rows = history.get(key, [])
+        if not rows and key == "f1":  # --select_by ppl: no F1 to draw, and nothing to say
+            continue
         if not rows:
             why = "fewer optimizer steps than --show_loss_step" if key == "train" else "no evaluation ran"
             print(f"no {filename}: nothing to draw ({why})", flush=True)

@@ -56,7 +56,7 @@ def flags(ckpt: str, data: str, out: str, *switches: str, **overrides) -> list[s
               "per_device_train_batch_size": 2, "max_len": 160, "max_src_len": 64, "learning_rate": 2e-2,
               "num_train_epochs": 2, "gradient_accumulation_steps": 4, "warmup_ratio": 0.2, "show_loss_step": 1,
               "lora_dim": 8, "lora_alpha": 16, "save_model_step": 1, "output_dir": out,
-              "ds_file": os.path.join(ROOT, "ds_zero2_no_offload.json")}
+              "ds_file": os.path.join(ROOT, "ds_zero2_no_offload.json"), "select_by": "ppl"}
     values.update(overrides)
     return [f"--{k}={v}" for k, v in values.items()] + [f"--{s}" for s in switches]
 
