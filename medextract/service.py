@@ -43,7 +43,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Decoding, Engine, Request, Result, extraction_request
+from .answer import extraction_request
+from .engine import Decoding, Engine, Request, Result
 from .grammar import AnswerGrammar, build_ebnf, check_ebnf
 from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
 
