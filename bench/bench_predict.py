@@ -1,7 +1,7 @@
 """Extraction throughput: the chapter's way (one dialogue at a time, plain generate) against predict.py's batched
-engine (generation.py: a row per answer in one in-place KV cache, shared-prefix prefill, continuous refill, SDPA).
-With --constraint grounded (or schema) it measures instead what the answer grammar costs: free generation against
-constrained generation, batch size by batch size, on the same model and prompts.
+engine (medextract/engine.py: a row per answer in one in-place KV cache, shared-prefix prefill, continuous refill,
+SDPA). With --constraint grounded (or schema) it measures instead what the answer grammar costs: free generation
+against constrained generation, batch size by batch size, on the same model and prompts.
 
 Every variant runs the same model on the same prompts and generates exactly --new_tokens tokens per dialogue
 (min_new_tokens = max_new_tokens: random weights never emit <|im_end|>), greedy. Under the constraint the grammar's
@@ -34,7 +34,8 @@ import torch
 
 
 from bench.common import ROOT, add_model_args, apply_real_shape, machine_info, random_model
-from medextract.engine import Decoding, Engine, Request, reference_config, stop_token_ids
+from medextract.decoding import reference_config
+from medextract.engine import Decoding, Engine, Request, stop_token_ids
 from medextract.grammar import CONSTRAINTS, AnswerGrammar, build_vocabulary
 from medextract.inference import Truncation, load_model, prompt_ids, read_examples, resolve_dtype
 from utils import HelpFormatter, resolve_device, set_random_seed

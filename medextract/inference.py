@@ -24,7 +24,8 @@ from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, append_jsonl,
                    check_run_settings, count_records, cpu_computes_bf16, input_digest, iter_jsonl, load_tokenizer,
                    native_bf16, one_line, pending)
 
-from .engine import Decoding, Engine, Result, extraction_request
+from .answer import extraction_request
+from .engine import Decoding, Engine, Result
 from .errors import AnswersFailed, ConfigError, InputError, MedextractError, ModelLoadError, OutputError
 from .grammar import build_vocabulary
 from .model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary, read_json_object

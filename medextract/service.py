@@ -51,8 +51,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .answer import extraction_request
 from .api import span_offsets
-from .engine import Decoding, Engine, Request, Result, extraction_request
+from .engine import Decoding, Engine, Request, Result
 from .grammar import AnswerGrammar, build_ebnf, check_ebnf
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChunkChoice, Delta, ErrorInfo, ErrorResponse, ExtractRequest,

@@ -8,6 +8,11 @@ torch's scaled_dot_product_attention with one explicit mask that combines causal
 the causal mask whenever an attention_mask was passed); rotary embeddings follow `position_ids` (the original
 ignored them, so left-padded batches generated from shifted positions); the KV cache is transformers' Cache API;
 precision is the caller's `dtype`, never chosen from the hardware.
+
+Besides `forward` (training, scoring, transformers' `generate`), the model has the cached forward of the batched
+engine (medextract/engine.py), through the same blocks, attention, rotary and norms: a `RowKVCache` holds
+independent sequences in its rows, `prefill` writes a prompt's keys and values into a row, and `decode_step` feeds
+every row one token at its own position and returns the next-token logits.
 """
 from __future__ import annotations
 
@@ -114,6 +119,8 @@ class QWenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 past_key_values: Cache | None) -> torch.Tensor:
+        """`past_key_values`: a transformers Cache or a RowKVCache view; its `update` stores this call's keys and
+        values and returns every key and value the queries attend over, masked by `mask` (True = may attend)."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.projection_size, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
@@ -167,6 +174,83 @@ class QWenBlock(GradientCheckpointingLayer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The row cache: sequences side by side, for batched generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RowKVCache:
+    """Per layer, keys and values of shape (rows, heads, capacity, head_dim), written in place. Row r holds one
+    sequence's tokens at slots 0, 1, ... (no padding), so rows of different lengths decode together; `step_view` and
+    `prefill_view` are what the attention layers write into and read from. Also cos and sin of every slot (`cos`,
+    `sin`: (capacity, 1, rot_dim), computed by the model's RotaryEmbedding), which a decoding step looks up instead of
+    computing: the capacity never exceeds seq_length, where dynamic NTK's alpha is 1. Made by
+    `QWenLMHeadModel.row_cache`."""
+
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, rotary: tuple[torch.Tensor, torch.Tensor]):
+        shape = (rows, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+        self.cos, self.sin = rotary
+
+    def move_row(self, source: int, target: int) -> None:
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target].copy_(layer[source])
+
+    def snapshot(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of slots 0..length-1 of `row`, per layer (keys, values) of shape (heads, length, head_dim)."""
+        return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def restore(self, row: int, saved: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Slots 0..length-1 of `row` from a snapshot (of at least `length` slots)."""
+        for layer, (keys, values) in enumerate(saved):
+            self.keys[layer][row, :, :length] = keys[:, :length]
+            self.values[layer][row, :, :length] = values[:, :length]
+
+    def step_view(self, positions: torch.Tensor, width: int) -> "RowStepView":
+        return RowStepView(self, positions, width)
+
+    def prefill_view(self, row: int, start: int) -> "RowPrefillView":
+        return RowPrefillView(self, row, start)
+
+
+class RowStepView:
+    """One decoding step of rows 0..A-1: each row's new key and value go to its own slot; attention reads slots
+    0..width-1 of every row (row_attention_mask hides what a row does not own)."""
+
+    def __init__(self, cache: RowKVCache, positions: torch.Tensor, width: int):
+        self.cache, self.positions, self.width = cache, positions, width
+        self.rows = torch.arange(len(positions), device=positions.device)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        count = len(self.positions)
+        k_buf, v_buf = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        k_buf[self.rows, :, self.positions] = keys[:, :, 0]  # keys (A, H, 1, D)
+        v_buf[self.rows, :, self.positions] = values[:, :, 0]
+        return k_buf[:count, :, :self.width], v_buf[:count, :, :self.width]  # (A, H, width, D)
+
+
+class RowPrefillView:
+    """One row's tokens after the slots already filled (`length`): appended in place, attended causally. It is also
+    a transformers Cache as far as `forward` asks (`update`, `get_seq_length`)."""
+
+    def __init__(self, cache: RowKVCache, row: int, length: int):
+        self.cache, self.row, self.length = cache, row, length
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        end = self.length + keys.shape[2]
+        k_buf, v_buf = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        k_buf[self.row, :, self.length:end] = keys[0]  # keys (1, H, T, D)
+        v_buf[self.row, :, self.length:end] = values[0]
+        return k_buf[self.row:self.row + 1, :, :end], v_buf[self.row:self.row + 1, :, :end]  # (1, H, end, D)
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -215,6 +299,13 @@ def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len:
         # (its output is never used: padding keys are masked for every real query).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
+
+
+def row_attention_mask(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Boolean (A, 1, 1, width) mask of one decoding step over a RowKVCache, True = may attend: row i's query, at
+    slot positions[i], sees its own slots 0..positions[i]; the slots after it hold nothing of this row's."""
+    slots = torch.arange(width, device=positions.device)
+    return (slots[None, :] <= positions[:, None])[:, None, None, :]
 
 
 class QWenModel(QWenPreTrainedModel):
@@ -283,17 +374,26 @@ class QWenModel(QWenPreTrainedModel):
         rotary = self.rotary_emb(position_ids, alphas)
         mask = build_attention_mask(attention_mask, B, T, past_len, device)
 
-        x = self.drop(inputs_embeds)
+        x, hidden_states = self.forward_blocks(inputs_embeds, rotary, mask, past_key_values, use_cache,
+                                               output_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
+                                       hidden_states=hidden_states)
+
+    def forward_blocks(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                       cache=None, use_cache: bool = False,
+                       output_hidden_states: bool | None = False) -> tuple[torch.Tensor, tuple | None]:
+        """Embeddings (B, T, hidden) through the blocks and the final norm: what `forward` and the cached forward
+        (`QWenLMHeadModel.prefill`, `decode_step`) share. `cache`: a transformers Cache, or a RowKVCache's view."""
+        x = self.drop(x)
         hidden_states = () if output_hidden_states else None
         for block in self.h:
             if output_hidden_states:
                 hidden_states += (x,)
-            x = block(x, rotary, mask=mask, past_key_values=past_key_values, use_cache=use_cache)
+            x = block(x, rotary, mask=mask, past_key_values=cache, use_cache=use_cache)
         x = self.ln_f(x)
         if output_hidden_states:
             hidden_states += (x,)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
-                                       hidden_states=hidden_states)
+        return x, hidden_states
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
@@ -310,6 +410,46 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    # ---- the cached forward of batched generation: a RowKVCache, its rows and their positions passed in ----
+
+    def row_cache(self, rows: int, capacity: int) -> RowKVCache:
+        """An empty RowKVCache of `rows` sequences of up to `capacity` tokens, in the dtype and on the device of the
+        model's parameters."""
+        config = self.config
+        if capacity > config.seq_length:  # past it, dynamic NTK would change the rotary tables as a row grows
+            raise ValueError(f"a row cache holds at most seq_length ({config.seq_length}) tokens, not {capacity}")
+        parameter = next(self.parameters())
+        with torch.no_grad():
+            slots = torch.arange(capacity, device=parameter.device)[None, :]
+            cos, sin = (t[0] for t in self.transformer.rotary_emb(slots, [1.0]))  # (capacity, 1, rot_dim)
+        return RowKVCache(config.num_hidden_layers, rows, config.num_attention_heads, capacity, config.kv_channels,
+                          parameter.dtype, parameter.device, (cos, sin))
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache: RowKVCache, row: int, start: int) -> None:
+        """Keys and values of `ids` (T,) at slots start..start+T-1 of `row`, whose slots before `start` already hold
+        the sequence's earlier tokens. No logits: the engine feeds a prompt's last token in its first decoding
+        step."""
+        T = ids.shape[0]
+        positions = torch.arange(start, start + T, device=ids.device)[None, :]  # (1, T)
+        rotary = self.transformer.rotary_emb(positions, [1.0])  # (1, T, 1, rot_dim) each; alpha 1 (row_cache)
+        mask = build_attention_mask(None, 1, T, start, ids.device)  # causal, offset by the slots before
+        x = self.transformer.wte(ids[None, :])  # (1, T, hidden)
+        self.transformer.forward_blocks(x, rotary, mask, cache.prefill_view(row, start))
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: RowKVCache,
+                    width: int) -> torch.Tensor:
+        """Next-token logits (A, vocab) in fp32 of rows 0..A-1 of `cache`, fed tokens (A,) at slots positions (A,):
+        each row attends to its own slots up to its position. `width` (above every position, at most the capacity)
+        is how many slots attention reads: the slots in use, or a fixed bucket, the static shapes a CUDA graph
+        needs."""
+        x = self.transformer.wte(tokens[:, None])  # (A, 1, hidden)
+        rotary = (cache.cos[positions][:, None], cache.sin[positions][:, None])  # (A, 1, 1, rot_dim)
+        mask = row_attention_mask(positions, width)  # (A, 1, 1, width)
+        x, _ = self.transformer.forward_blocks(x, rotary, mask, cache.step_view(positions, width))
+        return self.lm_head(x[:, -1]).float()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,

@@ -1,4 +1,4 @@
-"""The generation engine (generation.py) on a tiny random checkpoint: it gives transformers' own greedy tokens
+"""The generation engine (medextract/engine.py) on a tiny random checkpoint: it gives transformers' own greedy tokens
 (fp32, repetition penalty on), batched, refilled or alone; its cache holds what a plain forward computes; under the
 answer grammar every answer is valid, grounded and ended (by itself, or closed at the budget and flagged), the same
 batched as alone; sampling is seeded per answer; streamed text joins into the answer; a cancelled answer stops."""
@@ -9,8 +9,11 @@ import torch
 
 from medextract import grammar
 from medextract import inference
-from medextract.engine import (Decoding, Engine, Request, _PrefillView, common_prefix_len, extraction_request,
-                        reference_config)
+from medextract.answer import extraction_request
+from medextract.decoding import reference_config
+from medextract.engine import Decoding, Engine, Request
+from medextract.runner import common_prefix_len
+from qwen1_8.modeling_qwen import RowPrefillView
 from utils import EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, format_output
 
 DIALOGUES = [
@@ -68,19 +71,19 @@ def test_answers_of_different_lengths_refill_their_rows(model, tokenizer):
 def test_the_row_cache_holds_what_a_plain_forward_computes(model, tokenizer):
     prompts = prompts_of(tokenizer)
     engine = Engine(model, tokenizer, len(prompts))
-    engine._ensure_cache(max(map(len, prompts)) + 4)
+    engine.runner.ensure_cache(max(map(len, prompts)) + 4)
     for row, ids in enumerate(prompts):
         engine._admit(row, Request(ids), row)
-    assert common_prefix_len(engine.prefix, prompts[1]) > 180  # system block + instruction, computed once
+    assert common_prefix_len(engine.runner.prefix, prompts[1]) > 180  # system block + instruction, computed once
     with torch.inference_mode():
         for row, ids in enumerate(prompts):
             out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
             for layer, reference in enumerate(out.past_key_values.layers):
-                keys = engine.cache.keys[layer][row, :, :len(ids) - 1]
-                values = engine.cache.values[layer][row, :, :len(ids) - 1]
+                keys = engine.runner.cache.keys[layer][row, :, :len(ids) - 1]
+                values = engine.runner.cache.values[layer][row, :, :len(ids) - 1]
                 torch.testing.assert_close(keys, reference.keys[0], rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(values, reference.values[0], rtol=1e-4, atol=1e-5)
-    view = _PrefillView(engine.cache, 0, 5)
+    view = RowPrefillView(engine.runner.cache, 0, 5)
     assert view.get_seq_length() == 5
 
 
@@ -99,7 +102,7 @@ def test_an_answer_ends_at_the_first_stop_token_which_is_counted(model, tokenize
         steps["n"] += 1
         return logits
 
-    monkeypatch.setattr(engine, "_forward", scripted)
+    monkeypatch.setattr(engine.runner, "forward", scripted)
     prompts = [[1] * 30, [2] * 20]  # the longer first: row 0
     results = engine.generate([Request(p, Decoding(max_new_tokens=5, repetition_penalty=1.0)) for p in prompts])
     assert (results[0].tokens, results[0].text, results[0].finish_reason) == ([t, t, tokenizer.im_end_id], "好好",
@@ -237,7 +240,7 @@ def test_a_run_of_tokens_that_never_ends_a_character_is_rolled_back_and_closed(m
     rank = tokenizer.mergeable_ranks
     opener, chain = rank[b"\xe1\x9e"], rank[b"\x92\xe1\x9e"]
     engine = Engine(model, tokenizer, 2, vocabulary)
-    real = engine._forward
+    real = engine.runner.forward
 
     def prefers_broken_characters(tokens, positions, width):
         logits = real(tokens, positions, width)
@@ -245,7 +248,7 @@ def test_a_run_of_tokens_that_never_ends_a_character_is_rolled_back_and_closed(m
         logits[:, chain] += 2000.0
         return logits
 
-    monkeypatch.setattr(engine, "_forward", prefers_broken_characters)
+    monkeypatch.setattr(engine.runner, "forward", prefers_broken_characters)
     chunks = []
     requests = [extraction_request(tokenizer, INSTRUCTION + d, d, Decoding(max_new_tokens=budget), "grounded",
                                    vocabulary, on_text=chunks.append if budget == 120 else None)[0]
@@ -258,7 +261,7 @@ def test_a_run_of_tokens_that_never_ends_a_character_is_rolled_back_and_closed(m
 
 
 def test_under_a_cut_prompt_spans_come_from_what_the_model_reads(tokenizer, vocabulary):
-    from medextract.engine import visible_dialogue
+    from medextract.answer import visible_dialogue
     from utils import format_output
 
     dialogue = "医生: 你好，哪里不舒服？\n患者: 咳嗽三天。\n" * 20 + "患者: 吃了阿莫西林。\n"
@@ -287,9 +290,9 @@ def test_the_best_allowed_token_is_the_masked_argmax(model, tokenizer, vocabular
     g = grammar.AnswerGrammar.for_dialogue(vocabulary, DIALOGUES[2])
     generator = torch.Generator().manual_seed(0)
     for token in tokenizer.encode(format_output(answer), allowed_special=set()):
-        g.fill(engine._bitmask_rows(), 0)
+        g.fill(engine.sampler.bitmask(), 0)
         logits = torch.randint(0, 4, (1, model.config.vocab_size), generator=generator).float()  # many ties
         masked = logits.clone()
-        xgr.apply_token_bitmask_inplace(masked, engine._bitmask_rows()[:1])
-        assert engine._best_allowed(logits[0], 0) == int(masked[0].argmax())
+        xgr.apply_token_bitmask_inplace(masked, engine.sampler.bitmask()[:1])
+        assert engine.sampler.best_allowed(logits[0], 0) == int(masked[0].argmax())
         assert g.accept(token)

@@ -35,7 +35,8 @@ def model(tiny_ckpt, tokenizer):
 
 
 def test_prompt_is_the_training_prefix(tokenizer):
-    from medextract.engine import Decoding, extraction_request
+    from medextract.answer import extraction_request
+    from medextract.engine import Decoding
 
     for dialogue in DIALOGUES:
         text = INSTRUCTION + dialogue
@@ -86,7 +87,8 @@ def test_prompt_truncation_follows_the_training_run(tiny_ckpt, tokenizer, tmp_pa
 
 
 def test_decoding_is_greedy_by_default_and_the_model_config_untouched(model, tokenizer):
-    from medextract.engine import Decoding, Engine, extraction_request
+    from medextract.answer import extraction_request
+    from medextract.engine import Decoding, Engine
 
     before = model.generation_config.to_dict()
     engine = Engine(model, tokenizer, 2)

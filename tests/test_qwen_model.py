@@ -340,6 +340,74 @@ def test_chat_answers(model, tokenizer):
     assert response == tokenizer.decode(expected[:cut]).strip()
 
 
+# ---- the cached forward of batched generation: RowKVCache, prefill, decode_step -----------------------------------
+
+
+def check_cached_forward(core, reference, static_width):
+    """Three sequences in the rows of one cache, at different positions: a prompt prefilled (one of them in two
+    parts), then decoding steps, with the first row dropped midway and the last moved into its place (as the engine
+    compacts). Every step's logits are the plain forward's at that position. `core` is the QWenLMHeadModel,
+    `reference` what is called for the plain forward (the model, or its PEFT wrapper)."""
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 5000, (n,), generator=generator).tolist() for n in (15, 20, 11)]
+    prompts = [6, 12, 3]  # tokens up to the first decoding step, which feeds the last of them
+    cache = core.row_cache(3, 64)
+    with torch.inference_mode():
+        for row, (seq, p) in enumerate(zip(sequences, prompts)):
+            parts = [(0, 5), (5, p - 1)] if row == 1 else [(0, p - 1)]  # the second part attends to the first
+            for start, end in parts:
+                core.prefill(torch.tensor(seq[start:end]), cache, row, start)
+        live = [0, 1, 2]  # the sequence each cache row holds
+        for step in range(8):
+            if step == 4:
+                cache.move_row(2, 0)
+                live = [2, 1]
+            positions = [prompts[s] - 1 + step for s in live]
+            tokens = [sequences[s][pos] for s, pos in zip(live, positions)]
+            width = cache.capacity if static_width else max(positions) + 1
+            logits = core.decode_step(torch.tensor(tokens), torch.tensor(positions), cache, width)  # (A, V)
+            assert logits.shape == (len(live), core.config.vocab_size)
+            for row, (s, pos) in enumerate(zip(live, positions)):
+                plain = reference(input_ids=torch.tensor([sequences[s][:pos + 1]])).logits[0, -1].float()
+                torch.testing.assert_close(logits[row], plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static_width", [False, True])
+def test_cached_forward_equals_the_plain_forward(model, static_width):
+    check_cached_forward(model, model, static_width)
+
+
+@pytest.mark.parametrize("static_width", [False, True])
+def test_cached_forward_equals_the_plain_forward_through_lora(tiny_ckpt, static_width):
+    """Under a PEFT wrapper (the engine unwraps it; the LoRA layers stay in place and count)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                              lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM"))
+    wrapped.eval()
+    with torch.inference_mode():  # the LoRA weights are not a no-op
+        ids = torch.tensor([[1, 2, 3]])
+        with wrapped.disable_adapter():
+            without = wrapped(input_ids=ids).logits
+        assert not torch.allclose(wrapped(input_ids=ids).logits, without)
+    check_cached_forward(wrapped.get_base_model(), wrapped, static_width)
+
+
+def test_cached_forward_with_4bit_layers(tiny_ckpt):
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = QWenLMHeadModel.from_pretrained(tiny_ckpt, quantization_config=quant, dtype=torch.float32,
+                                            device_map={"": "cpu"}).eval()
+    check_cached_forward(model, model, static_width=False)
+
+
+def test_a_row_cache_stays_within_seq_length(model):
+    with pytest.raises(ValueError, match="at most seq_length"):
+        model.row_cache(1, model.config.seq_length + 64)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 
 

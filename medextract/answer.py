@@ -1,0 +1,123 @@
+"""An extraction as a generation request, and how an answer under the answer grammar is kept closable.
+
+`extraction_request` turns an instruction and dialogue into the engine's Request: the prompt cut as training cut it,
+and under `grounded` or `schema` the answer grammar (grammar.py) over what the model reads of the dialogue.
+`AnswerCloser` is the budget policy of such an answer: the engine hands it each new token, and it says when the
+answer must be closed and closes it (grammar.AnswerScanner's closing text), so that a cut answer is still valid and
+grounded and what was streamed is never taken back.
+"""
+from __future__ import annotations
+
+import codecs
+from typing import Sequence
+
+from utils import SYSTEM_PROMPT, build_chatml_ids
+
+from .decoding import Decoding, Request
+from .grammar import AnswerGrammar, AnswerScanner, empty_answer
+
+
+def empty_answer_tokens(tokenizer) -> int:
+    """Tokens of the shortest answer under the answer grammar, <|im_end|> included; no closing is longer."""
+    return len(closing_ids(tokenizer, empty_answer()))
+
+
+def closing_ids(tokenizer, text: str) -> list[int]:
+    """The tokens that close an answer with `text`: its ids, then <|im_end|>."""
+    from qwen1_8.qwen_generation_utils import text_ids  # here, not at import: qwen1_8 loads transformers
+
+    return text_ids(tokenizer, text) + [tokenizer.im_end_id]
+
+
+class AnswerCloser:
+    """Keeps an answer under the answer grammar closable within its `budget` of tokens: each token moves the
+    scanner, every point where the answer could be closed and still fit is remembered, and when the budget is reached
+    (or the answer here closes exactly at it) the answer is closed there: here, or, rolled back, at the latest point
+    that fitted. A run of tokens that each end inside a character, or an item that keeps ending in white space, so
+    only costs the tokens after that point. `shortest`: empty_answer_tokens, the least any budget must allow."""
+
+    def __init__(self, tokenizer, budget: int, shortest: int):
+        if budget < shortest:
+            raise ValueError(f"max_new_tokens {budget} is below the {shortest} tokens an answer under the answer "
+                             f"grammar takes at the least (every field empty)")
+        self.tokenizer, self.budget, self.shortest = tokenizer, budget, shortest
+        self.scanner = AnswerScanner()  # where the answer stands
+        self.decoder = codecs.getincrementaldecoder("utf-8")()  # its characters so far (a token may end inside one)
+        # the latest point where it can be closed within its budget: (tokens kept, the scanner there, closing ids,
+        # when already encoded)
+        self.fallback: tuple[int, AnswerScanner, list[int] | None] = (0, AnswerScanner(), None)
+
+    @property
+    def settled(self) -> int:
+        """Tokens of the answer that closing it can no longer take back: what may be streamed."""
+        return self.fallback[0]
+
+    def feed(self, token: int, count: int) -> bool:
+        """Follow the answer's `count`-th token, `token`; True when the answer is to be closed now (`close`)."""
+        try:
+            self.scanner.feed(self.decoder.decode(self.tokenizer.decoder[token]))
+        except (UnicodeDecodeError, KeyError, TypeError):  # not UTF-8, or a special token: never under the grammar
+            self.scanner.mode = "broken"
+        closing = None if self.decoder.getstate()[0] else self.scanner.closing()
+        if closing is not None:
+            ids = None
+            if count + self.shortest >= self.budget:  # near the budget: does the closing fit?
+                ids = closing_ids(self.tokenizer, closing)
+            if ids is None or count + len(ids) <= self.budget:
+                self.fallback = (count, AnswerScanner(**self.scanner.__dict__), ids)
+            if ids is not None and count + len(ids) >= self.budget:
+                return True
+        return count >= self.budget
+
+    def close(self, tokens: list[int], matcher) -> str | None:
+        """Close the answer at its fallback point: drop the tokens after it from `tokens` (in place) and `matcher`,
+        then append the closing tokens; why not, where the grammar refuses one (never seen: closing_text is tested
+        against the grammar)."""
+        kept, scanner, ids = self.fallback
+        if ids is None:
+            ids = closing_ids(self.tokenizer, scanner.closing())
+        matcher.rollback(len(tokens) - kept)
+        del tokens[kept:]
+        for t in ids:
+            if not matcher.accept(t):
+                return f"the grammar rejected the closing token {t}"
+        tokens += ids
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An extraction, as a request
+# --------------------------------------------------------------------------------------------------------------
+
+
+def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decoding, constraint: str = "grounded",
+                       vocabulary=None, max_len: int = 2048, max_src_len: int = 1560, truncation: str = "tokens",
+                       instruction_chars: int = 0, **callbacks) -> tuple[Request, bool]:
+    """The request that answers `user_text` (instruction + `dialogue`), with the prompt cut as training cut it, and
+    whether the prompt was cut. Under `grounded`, list items come from `dialogue`; `schema` keeps only the format;
+    `none` generates freely. `callbacks`: Request's on_text / cancelled."""
+    ids = build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
+                           instruction_chars=instruction_chars)
+    if constraint == "none":
+        return Request(ids.input_ids, decoding, **callbacks), ids.truncated
+    if vocabulary is None:
+        raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
+    if ids.truncated:  # spans only from what the model reads: the dialogue as the cut prompt holds it
+        dialogue = visible_dialogue(tokenizer, ids.input_ids, instruction_chars)
+
+    def build() -> AnswerGrammar:
+        return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
+    return Request(ids.input_ids, decoding, build, closable=True, **callbacks), ids.truncated
+
+
+def visible_dialogue(tokenizer, prompt: Sequence[int], instruction_chars: int) -> str:
+    """The dialogue a generation prompt (utils.build_chatml_ids's) holds, after its instruction: all of it, or the
+    part a cut left (a character the cut split is dropped)."""
+    from qwen1_8.qwen_generation_utils import chatml_block, text_ids
+
+    nl = text_ids(tokenizer, "\n")
+    head = len(chatml_block(tokenizer, "system", SYSTEM_PROMPT)) + len(nl) + 1 + len(text_ids(tokenizer, "user")) \
+        + len(nl)
+    tail = 1 + len(nl) + 1 + len(text_ids(tokenizer, "assistant")) + len(nl)  # <|im_end|>\n<|im_start|>assistant\n
+    content = tokenizer.decode(list(prompt[head:len(prompt) - tail]), errors="replace").rstrip("\ufffd")
+    return content[instruction_chars:]
