@@ -49,7 +49,7 @@ demo: $(STAMP) $(DEMO)/report.json
 	@echo "==> done. A random tiny model demonstrates the pipeline, not extraction quality."
 	@echo "    data split:      data/train.json, data/test.json"
 	@echo "    checkpoints:     $(RUN)/epoch-*  (best: $$($(VPY) -c "import json;print(json.load(open('$(RUN)/best_checkpoint.json'))['path'])"))"
-	@echo "    training plots:  $(RUN)/train_loss.png, $(RUN)/test_ppl.png   (TensorBoard: tensorboard --logdir $(RUN))"
+	@echo "    training plots:  $(RUN)/train_loss.png, $(RUN)/test_ppl.png, $(RUN)/test_f1.png   (TensorBoard: tensorboard --logdir $(RUN))"
 	@echo "    merged model:    $(MERGED)"
 	@echo "    predictions:     $(PRED)"
 	@echo "    evaluation:      $(DEMO)/report.json"
@@ -80,7 +80,7 @@ $(RUN)/best_checkpoint.json: $(TINY)/config.json $(DEMO)/train_small.json data/t
 		--weight_decay 0.1 --num_train_epochs 2 --gradient_accumulation_steps 2 --warmup_ratio 0.1 --seed 1234 \
 		--show_loss_step 2 --lora_dim 16 --lora_alpha 64 --save_model_step 4 --lora_dropout 0.1 \
 		--output_dir $(RUN) --overwrite_output_dir --gradient_checkpointing --ds_file ds_zero2_no_offload.json \
-		--is_skip
+		--is_skip --eval_max_new_tokens $(DEMO_NEW_TOKENS) --eval_samples 16
 
 $(MERGED)/config.json: $(RUN)/best_checkpoint.json
 	@echo "==> merging the best checkpoint's adapter into the unquantized base"

@@ -1,8 +1,9 @@
-"""Memorise then recall, end to end, through the real scripts: train.py (4-bit NF4 QLoRA) learns three short samples
-by heart, merge_params.py folds the adapter into the full-precision base, predict.py extracts them greedily in one
-batch under the answer grammar, and evaluate.py must report F1 = 1 and exact match = 1; the answers equal the
-unconstrained ones token for token. Any disagreement between the training labels, the merge, the prompt, stopping at
-<|im_end|>, the grammar or the parser breaks it. The answers are the same in fp32 and in bf16."""
+"""Memorise then recall, end to end, through the real scripts: train.py (4-bit NF4 QLoRA) learns three short samples by
+heart (its F1, scored at every checkpoint, climbs to 1), merge_params.py folds the adapter into the full-precision
+base, predict.py extracts them greedily in one batch under the answer grammar, and evaluate.py must report F1 = 1 and
+exact match = 1; the answers equal the unconstrained ones token for token. Any disagreement between the training
+labels, the merge, the prompt, stopping at <|im_end|>, the grammar or the parser breaks it. The answers are the same
+in fp32 and in bf16."""
 import json
 import os
 import subprocess
@@ -41,11 +42,18 @@ def test_memorise_then_recall(tmp_path):
     base = make_tiny(str(tmp_path / "tiny"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=256, seed=0, initializer_range=0.2)
     out = tmp_path / "run"
-    run("train.py", "--train_path", str(train), "--test_path", "", "--model_name_or_path", base,
+    run("train.py", "--train_path", str(train), "--test_path", str(gold), "--model_name_or_path", base,
         "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "1", "--num_train_epochs", "6",
         "--learning_rate", "1e-2", "--warmup_ratio", "0.05", "--lora_dim", "32", "--lora_alpha", "64",
         "--lora_dropout", "0.0", "--max_len", "512", "--max_src_len", "400", "--show_loss_step", "40",
-        "--save_model_step", "0", "--output_dir", str(out))
+        "--save_model_step", "0", "--eval_max_new_tokens", "200", "--output_dir", str(out))
+    # F1 at every checkpoint (each epoch end): it climbs to 1, and the best is the first checkpoint that reaches it
+    with open(out / "best_checkpoint.json", encoding="utf-8") as f:
+        best = json.load(f)
+    f1s = [e["f1"] for e in best["evaluations"]]
+    assert len(f1s) == 6 and f1s[-1] == 1.0 and f1s[0] < 1.0, f1s
+    first = next(e for e in best["evaluations"] if e["f1"] == 1.0)
+    assert best["select_by"] == "f1" and best["step"] == first["step"] and best["f1"] == 1.0
     merged = tmp_path / "merged"
     run("merge_params.py", "--ori_model_dir", base, "--model_dir", str(out / "epoch-6-step-120"),
         "--save_model_dir", str(merged))
