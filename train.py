@@ -171,7 +171,7 @@ def run_training(args: argparse.Namespace) -> None:
         fail(PROG, f"--model_name_or_path {args.model_name_or_path}: cannot load the tokenizer ({one_line(e)})")
     train_set, test_set = build_datasets(args, tokenizer, rank=int(os.environ.get("RANK", "0")))
     f1_evaluation = None
-    if args.select_by == "f1":
+    if args.select_by == "f1" and args.test_path:
         f1_evaluation = load_f1_evaluation(args.test_path, args.eval_samples, args.eval_max_new_tokens,
                                            Truncation(args.max_len, args.max_src_len, args.truncation),
                                            args.eval_generation_batch_size)
@@ -244,10 +244,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("save_model_step", "stop_after_steps", "weight_decay", "save_total_limit"):
         if getattr(args, flag) < 0:
             fail(PROG, f"--{flag} must not be negative (got {getattr(args, flag)})")
-    if args.select_by == "f1":
-        if not args.test_path:
-            fail(PROG, "--select_by f1 scores the answers to --test_path, which is empty; give a test file, or "
-                       "--select_by ppl")
+    if args.select_by == "f1" and args.test_path:  # (no test file: no evaluation at all)
         if args.eval_max_new_tokens < MIN_CONSTRAINED_TOKENS:
             fail(PROG, f"--eval_max_new_tokens must be at least {MIN_CONSTRAINED_TOKENS} (the empty answer alone "
                        f"takes 46 tokens), got {args.eval_max_new_tokens}")

@@ -46,7 +46,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     add_model_args(model, "model_path", num_hidden_layers=10)
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                       help="auto = bf16 on a bf16 GPU, fp16 on other GPUs, fp32 on the CPU")
+                       help="auto = bf16 on a bf16 GPU, fp16 on other GPUs; on the CPU bf16 where it computes bf16 "
+                            "natively, else fp32 (predict.py's --dtype auto)")
+    model.add_argument("--compare_dtypes", type=str, nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
+                       help="run our batched way once per dtype, interleaved round by round (e.g. fp32 bf16); the "
+                            "chapter's way runs in the first; replaces --dtype")
 
     work = parser.add_argument_group("workload")
     work.add_argument("--input_file", type=str, default=os.path.join(ROOT, "data", "test.json"),
@@ -89,7 +93,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_random_seed(args.seed)
     device = resolve_device(args.device)
     model_path = args.model_path or random_model(args)
-    model, tokenizer = load_model(model_path, device, resolve_dtype(args.dtype, device))
+    dtypes = args.compare_dtypes or [args.dtype]
+    models = {}
+    for name in dtypes:
+        models[name], tokenizer = load_model(model_path, device, resolve_dtype(name, device))
+    model = models[dtypes[0]]  # the chapter's way runs in the first dtype
+    tag = {name: f" {name}" if args.compare_dtypes else "" for name in dtypes}
 
     examples = read_examples(args.input_file)[:args.num_samples]
     truncation = Truncation(args.max_len, args.max_src_len)
@@ -103,28 +112,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                     repetition_penalty=args.repetition_penalty) for e in examples}
     graphs = {"auto": None, "eager": False, "graphs": True}[args.engine]
     vocabulary = build_vocabulary(tokenizer, model.config.vocab_size) if args.constraint != "none" else None
-    warm_up(model, tokenizer, list(prompts.values()))
+    for each in models.values():
+        warm_up(each, tokenizer, list(prompts.values()))
 
     # Rounds of lcm(batch sizes) samples, longest prompts first, as the engine orders them.
     order = sorted(prompts, key=lambda i: (-len(prompts[i]), i))
     round_size = args.round_size or math.lcm(*args.batch_sizes)
     if args.constraint == "none":
-        runs = [] if args.no_chapter else [("chapter (batch 1)", None, None)]
-        runs += [(f"ours (batch {b})", b, None) for b in args.batch_sizes]
-        names = [name for name, _, _ in runs]
+        runs = [] if args.no_chapter else [(f"chapter{tag[dtypes[0]]} (batch 1)", None, None, dtypes[0])]
+        runs += [(f"ours{tag[d]} (batch {b})", b, None, d) for b in args.batch_sizes for d in dtypes]
     else:
-        runs = [run for b in args.batch_sizes for run in ((f"free (batch {b})", b, None),
-                                                          (f"{args.constraint} (batch {b})", b, args.constraint))]
-        names = [name for name, _, _ in runs]
+        runs = [run for b in args.batch_sizes for d in dtypes
+                for run in ((f"free{tag[d]} (batch {b})", b, None, d),
+                            (f"{args.constraint}{tag[d]} (batch {b})", b, args.constraint, d))]
+    names = [name for name, _, _, _ in runs]
     seconds: dict[str, float] = defaultdict(float)
     outputs: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)
     # one engine per variant for the whole run: its cache (and on a GPU its CUDA graphs) is made once, in round 1,
     # which holds the longest prompts
-    engines = {name: Engine(model, tokenizer, batch_size, vocabulary, cuda_graphs=graphs)
-               for name, batch_size, _ in runs if batch_size is not None}
+    engines = {name: Engine(models[d], tokenizer, batch_size, vocabulary, cuda_graphs=graphs)
+               for name, batch_size, _, d in runs if batch_size is not None}
     for start in range(0, len(order), round_size):
         ids = order[start:start + round_size]
-        for name, batch_size, constraint in runs:
+        for name, batch_size, constraint, _ in runs:
             t0 = time.perf_counter()
             if batch_size is None:
                 for i in ids:
@@ -152,6 +162,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{new_tokens / seconds[name]:7.1f} new tokens/s"
               + (f" | same output as the chapter's way {variant['same_output_as_chapter']}"
                  if "same_output_as_chapter" in variant else f" | {new_tokens} new tokens"))
+    dtype_speedups = {}
+    if args.compare_dtypes and len(dtypes) > 1:  # per batch size: each dtype against the first, ours against ours
+        by_name = {v["name"]: v for v in variants}
+        kind = "ours" if args.constraint == "none" else "free"
+        for b in args.batch_sizes:
+            first = by_name[f"{kind}{tag[dtypes[0]]} (batch {b})"]["samples_per_s"]
+            for d in dtypes[1:]:
+                ratio = by_name[f"{kind}{tag[d]} (batch {b})"]["samples_per_s"] / first
+                dtype_speedups[f"{d}/{dtypes[0]} (batch {b})"] = round(ratio, 2)
+                print(f"{d} against {dtypes[0]} at batch {b}: {ratio:.2f}x", flush=True)
     if args.constraint == "none" and not args.no_chapter:
         best = max(variants[1:], key=lambda v: v["samples_per_s"])
         speedup = best["samples_per_s"] / variants[0]["samples_per_s"]
@@ -171,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "new_tokens": args.new_tokens, "greedy": True, "repetition_penalty": args.repetition_penalty,
                      "constraint": args.constraint, "stop_at_gold_length": args.stop_at_gold_length,
                      "engine": args.engine, "round_size": round_size,
-                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "dtype": [str(next(m.parameters()).dtype).replace("torch.", "") for m in models.values()]
+                     if args.compare_dtypes else str(next(model.parameters()).dtype).replace("torch.", ""),
                      "prompt_tokens": {"min": min(lengths), "mean": round(sum(lengths) / n, 1), "max": max(lengths)}},
         "variants": variants,
     }
@@ -179,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result["constraint_cost"] = costs
     elif not args.no_chapter:
         result.update(best=best["name"], speedup=round(speedup, 2))
+    if dtype_speedups:
+        result["dtype_speedup"] = dtype_speedups
     print(json.dumps(result, ensure_ascii=False))
     return result
 
