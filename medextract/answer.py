@@ -9,6 +9,7 @@ grounded and what was streamed is never taken back.
 from __future__ import annotations
 
 import codecs
+import unicodedata
 from typing import Sequence
 
 from utils import SYSTEM_PROMPT, build_chatml_ids
@@ -102,8 +103,8 @@ def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decod
         return Request(ids.input_ids, decoding, **callbacks), ids.truncated
     if vocabulary is None:
         raise ValueError(f"constraint {constraint!r} needs the grammar vocabulary (grammar.build_vocabulary)")
-    if ids.truncated:  # spans only from what the model reads: the dialogue as the cut prompt holds it
-        dialogue = visible_dialogue(tokenizer, ids.input_ids, instruction_chars)
+    if ids.truncated:  # spans only from what the model reads: the dialogue as the cut prompt holds it, as sent
+        dialogue = kept_part(dialogue, visible_dialogue(tokenizer, ids.input_ids, instruction_chars))
 
     def build() -> AnswerGrammar:
         return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
@@ -121,3 +122,24 @@ def visible_dialogue(tokenizer, prompt: Sequence[int], instruction_chars: int) -
     tail = 1 + len(nl) + 1 + len(text_ids(tokenizer, "assistant")) + len(nl)  # <|im_end|>\n<|im_start|>assistant\n
     content = tokenizer.decode(list(prompt[head:len(prompt) - tail]), errors="replace").rstrip("\ufffd")
     return content[instruction_chars:]
+
+
+def kept_part(dialogue: str, visible: str) -> str:
+    """The longest beginning of `dialogue`, as it was sent, that the cut prompt holds. `visible` is what the prompt
+    decodes to, which the tokenizer NFC-normalised (so `e` + U+0301 there is `é`): a grammar built from it would
+    admit spans that are not in the dialogue as sent, whose offsets then point nowhere. Compared a base character
+    and its combining marks at a time; where normalising a piece alone differs from normalising it in context (rare:
+    Hangul jamo, say) the part kept ends early, so every span it admits is in both."""
+    if dialogue.startswith(visible):  # nothing normalised: the usual case
+        return visible
+    i = at = 0
+    while i < len(dialogue):
+        j = i + 1
+        while j < len(dialogue) and unicodedata.combining(dialogue[j]):
+            j += 1
+        piece = unicodedata.normalize("NFC", dialogue[i:j])
+        if not visible.startswith(piece, at):
+            break
+        at += len(piece)
+        i = j
+    return dialogue[:i]
