@@ -189,7 +189,7 @@ class EngineWorker:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Building the engine's request (on the preparation thread)
+# Building the engine's request (its grammar first, then the rest on a preparation thread)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -230,6 +230,7 @@ async def chat_request(http: HTTPRequest, gone: asyncio.Future, engine: Engine, 
     """The engine request of a chat completion: a client's grammar through `grammars` first (vetted in a worker,
     within the bounds; recognised when it is the answer grammar of an extraction prompt's dialogue), then the rest
     on a preparation thread (`build_chat_request`)."""
+    decoding = request_decoding(call, settings)  # what costs nothing is refused first
     constraint, grammar = ("schema" if call.json_object else None), None
     if call.grammar is not None:
         user_text = call.user_text
@@ -241,18 +242,18 @@ async def chat_request(http: HTTPRequest, gone: asyncio.Future, engine: Engine, 
             raise APIError(400, f"structured_outputs.grammar: {e}", "structured_outputs.grammar", e.code) from None
         constraint, grammar = (found, None) if isinstance(found, str) else (None, found)
     try:
-        return await prepare(http, build_chat_request, engine, grammars.vocabulary, settings, call, constraint,
-                             grammar)
+        return await prepare(http, build_chat_request, engine, grammars.vocabulary, settings, call, decoding,
+                             constraint, grammar)
     except GrammarRefused as e:  # the answer grammar of what the model reads of the dialogue
         raise APIError(400, f"messages: the answer grammar of the dialogue: {e}", "messages", e.code) from None
 
 
 def build_chat_request(engine: Engine, vocabulary: Vocabulary, settings: ServiceSettings,
-                       call: ChatCompletionRequest, constraint: str | None,
+                       call: ChatCompletionRequest, decoding: Decoding, constraint: str | None,
                        grammar: AnswerGrammar | None) -> Request:
     """The engine request of a chat completion: the prompt exactly as training lays out (and cuts) this exchange,
     under the answer grammar `constraint` names or the client's compiled `grammar`."""
-    tokenizer, decoding = engine.tokenizer, request_decoding(call, settings)
+    tokenizer = engine.tokenizer
     system, user_text = call.system, call.user_text
     instruction_chars = instruction_chars_of(user_text)
     dialogue = user_text[instruction_chars:]
@@ -353,9 +354,12 @@ async def answer_events(job: Job, gone: asyncio.Future) -> AsyncIterator[str | R
     """What the engine thread reports on `job` until its Result, or until `gone` (the client left)."""
     while True:
         reported = asyncio.ensure_future(job.events.get())
-        await asyncio.wait({reported, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not reported.done():
-            reported.cancel()
+        try:
+            await asyncio.wait({reported, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # however the wait ends (the client gone, the stream cancelled), no task is left pending
+            if not reported.done():
+                reported.cancel()
+        if not reported.done():  # the client left (cancelling takes effect later)
             return
         kind, value = reported.result()
         yield value
