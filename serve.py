@@ -16,11 +16,15 @@ The model is loaded once; service.py has the endpoints:
 - GET /health, and GET /: a page to paste a dialogue into and see the fields, highlighted in it.
 
 Requests that arrive together are generated together, up to --max_batch_size; it listens on 127.0.0.1 unless --host
-says otherwise, and with --api_key_env every /v1 request needs `Authorization: Bearer <key>`.
+says otherwise, and with --api_key_env every /v1 request needs `Authorization: Bearer <key>`. What one client sends
+cannot stall the others: a client's grammar is compiled first in one of --grammar_workers processes, within
+--grammar_timeout seconds and --grammar_memory_mb (the process is killed past them, or when its client leaves), no
+grammar over --max_grammar_bytes is compiled, and a request waits for no other's grammar.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -28,12 +32,17 @@ from typing import Sequence
 
 from medextract.cli import add_generation_arguments, add_model_arguments, check_generation_args, decoding_of, dtype_of
 from medextract.errors import ConfigError, MedextractError
-from medextract.inference import DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, check_model_dir_files, dtype_note, load_engine
+from medextract.grammar_pool import GrammarBounds
+from medextract.inference import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, Interrupted, check_model_dir_files, dtype_note,
+                                  load_engine)
 from utils import HelpFormatter, fail, resolve_device, set_random_seed, silence_library_deprecations
 
 PROG = "serve.py"
 
 MIN_BODY_BYTES = 4096
+MIN_GRAMMAR_BYTES = 4096  # json_object's grammar takes 600
+MIN_GRAMMAR_MEMORY_MB = 128
+MAX_GRAMMAR_WORKERS = 64
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,6 +63,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="the model's name in the API (default: the --model_path directory's name)")
     server.add_argument("--max_body_bytes", type=int, default=1_000_000,
                         help="largest request body taken; a larger one gets HTTP 413")
+    bounds = GrammarBounds()
+    grammars = parser.add_argument_group("grammars (what one request's grammar may cost)")
+    grammars.add_argument("--grammar_workers", type=int, default=bounds.workers,
+                          help="processes that compile clients' structured_outputs grammars, one each at a time "
+                               "(about 300 MB each; a grammar waits for a free one)")
+    grammars.add_argument("--grammar_timeout", type=float, default=bounds.timeout,
+                          help="seconds a client's grammar may take to compile; past it its process is killed and "
+                               "the request gets HTTP 400")
+    grammars.add_argument("--max_grammar_bytes", type=int, default=bounds.max_bytes,
+                          help="largest grammar compiled, a client's or the answer grammar of what the model reads "
+                               "of a dialogue (that of ordinary text stays under 100 KB); larger: HTTP 400")
+    grammars.add_argument("--grammar_memory_mb", type=int, default=bounds.memory_mb,
+                          help="memory a client's grammar may take to compile, in its process; more: HTTP 400")
     args = parser.parse_args(argv)
     try:
         check_flags(args)
@@ -69,6 +91,15 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     if args.max_body_bytes < MIN_BODY_BYTES:
         raise ConfigError(f"--max_body_bytes must be at least {MIN_BODY_BYTES}, got {args.max_body_bytes}")
+    if not 1 <= args.grammar_workers <= MAX_GRAMMAR_WORKERS:
+        raise ConfigError(f"--grammar_workers must be between 1 and {MAX_GRAMMAR_WORKERS}, got {args.grammar_workers}")
+    if not (math.isfinite(args.grammar_timeout) and args.grammar_timeout > 0):
+        raise ConfigError(f"--grammar_timeout must be a number of seconds above 0, got {args.grammar_timeout}")
+    if args.max_grammar_bytes < MIN_GRAMMAR_BYTES:
+        raise ConfigError(f"--max_grammar_bytes must be at least {MIN_GRAMMAR_BYTES}, got {args.max_grammar_bytes}")
+    if args.grammar_memory_mb < MIN_GRAMMAR_MEMORY_MB:
+        raise ConfigError(f"--grammar_memory_mb must be at least {MIN_GRAMMAR_MEMORY_MB}, got "
+                          f"{args.grammar_memory_mb}")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ConfigError("--served_model_name is empty")
     if args.api_key_env is not None and not os.environ.get(args.api_key_env, "").strip():
@@ -104,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = load_engine(args.model_path, device, dtype_of(args, device), args.max_batch_size, True)
     except (MedextractError, ValueError) as e:
         fail(PROG, e)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, the shell's status
+        fail(PROG, Interrupted(f"{PROG}: interrupted while loading {args.model_path}; nothing was served"))
     import uvicorn
 
     from medextract.service import ServiceSettings, create_app
@@ -112,10 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ServiceSettings(served_model_name=served_name(args), decoding=decoding_of(args),
                                max_len=args.max_len, max_src_len=args.max_src_len, truncation=args.truncation,
                                capacity=args.max_src_len + PROMPT_OVERHEAD + args.max_tgt_len,
-                               max_body_bytes=args.max_body_bytes, api_key=api_key)
+                               max_body_bytes=args.max_body_bytes, api_key=api_key,
+                               grammar=GrammarBounds(workers=args.grammar_workers, timeout=args.grammar_timeout,
+                                                     max_bytes=args.max_grammar_bytes,
+                                                     memory_mb=args.grammar_memory_mb))
     print(f"serving {settings.served_model_name} on http://{args.host}:{args.port} | {device} | batch "
           f"{args.max_batch_size} | {settings.capacity} tokens per request"
-          + (f" | API key from ${args.api_key_env}" if api_key else " | no API key"), flush=True)
+          + (f" | API key from ${args.api_key_env}" if api_key else " | no API key")
+          + f" | grammars: {args.grammar_workers} workers, {args.grammar_timeout:g} s, {args.max_grammar_bytes} "
+            f"bytes, {args.grammar_memory_mb} MB", flush=True)
     try:
         uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
     except OSError as e:  # the port is taken, the address is not this machine's

@@ -10,6 +10,8 @@ utils.py lives here, one module per concept:
 - checkpoints / training: train.py's checkpoints, resume state and the QLoRA/DeepSpeed building blocks
 - model_files: header checks of weights, adapters and the tokenizer vocabulary
 - service: the OpenAI-compatible HTTP service behind serve.py
+- grammar_pool: the service's grammar work, bounded: clients' grammars vetted in worker processes, an LRU
+  of compiled grammars
 - cli / terminal: the flags several scripts share, and the interactive loop
 - api: the Python API, `Extractor`
 - errors: the typed errors everything here raises (nothing here exits the process)

@@ -330,6 +330,13 @@ class Vocabulary:
     compiler: object  # xgrammar.GrammarCompiler
     vocab_size: int
 
+    def compile(self, ebnf: str):
+        """`ebnf` compiled (an xgrammar.CompiledGrammar, which any number of matchers share); the service's
+        vocabulary bounds and caches this."""
+        import xgrammar as xgr
+
+        return self.compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf))
+
 
 def build_vocabulary(tokenizer, vocab_size: int = 151936, threads: int = 1):
     """Raw bytes per id: the tokenizer's ranks, and empty bytes for the special tokens and the unused rows up to
@@ -351,7 +358,7 @@ class AnswerGrammar:
         import xgrammar as xgr
 
         self.ebnf = ebnf
-        self.compiled = vocabulary.compiler.compile_grammar(xgr.Grammar.from_ebnf(ebnf))
+        self.compiled = vocabulary.compile(ebnf)
         self.matcher = xgr.GrammarMatcher(self.compiled)
 
     @classmethod

@@ -254,6 +254,11 @@ class Health(BaseModel):
     errors: int
     running: int
     waiting: int
+    preparing: int  # requests being tokenized and given their grammar
+    grammars_vetting: int  # clients' grammars being compiled in a worker process now
+    grammar_workers_idle: int
+    grammar_workers_killed: int  # for a grammar past --grammar_timeout, or whose client left
+    grammars_cached: int
 
 
 class ErrorInfo(BaseModel):

@@ -11,30 +11,34 @@ module-level, and reach the engine's worker and the settings through `app.state`
 The engine runs on one thread of its own (the model is not thread-safe), fed by a queue: `Engine.run` admits what
 waits whenever a row is free, so requests that arrive together are generated together, up to the engine's batch
 size, and a long answer never holds the others beyond its own row. The handlers build each request (tokens and
-grammar; a grammar compile takes milliseconds to seconds) on a preparation thread, hand it to the engine thread, and
-await its text and result through an asyncio queue (`answering`). A client that goes away has its request
-cancelled: it leaves the queue, or its row, at the next step.
+grammar) on one of PREPARE_THREADS preparation threads, hand it to the engine thread, and await its text and result
+through an asyncio queue (`answering`). A client that goes away (`watching`: the ASGI disconnect, at once) has its
+request cancelled: it leaves the queue, or its row, at the next step.
 
 Grammars, as vLLM takes them: `response_format {"type": "json_object"}` is the `schema` answer grammar (grammar.py),
-and `structured_outputs: {"grammar": EBNF}` any xgrammar EBNF grammar (root rule `root`), which must compile (400
-otherwise). A client grammar is not closable: a budget cut ends it with finish_reason "length", mid-answer. The one
-exception is the answer grammar itself: a grammar that is exactly `grammar.build_ebnf(dialogue, "grounded" or
-"schema")` for the dialogue of an extraction prompt (training's system prompt, then `utils.INSTRUCTION` + dialogue)
-is recognised as such, so the answer is generated as predict.py's --constraint would generate it: closed if the
-budget cuts it, and with list items from the part of a long dialogue the cut prompt keeps.
+and `structured_outputs: {"grammar": EBNF}` any xgrammar EBNF grammar (root rule `root`) that compiles and admits an
+answer (400 otherwise). A client's grammar is bounded in size, compile time and memory and vetted in a worker
+process first, so that no grammar stalls the others (grammar_pool.py). A client grammar is not closable: a budget
+cut ends it with finish_reason "length", mid-answer. The one exception is the answer grammar itself: a grammar that
+is exactly `grammar.build_ebnf(dialogue, "grounded" or "schema")` for the dialogue of an extraction prompt
+(training's system prompt, then `utils.INSTRUCTION` + dialogue) is recognised as such, so the answer is generated as
+predict.py's --constraint would generate it: closed if the budget cuts it, and with list items from the part of a
+long dialogue the cut prompt keeps (the only part whose grammar is built).
 
 Errors are JSON in OpenAI's format, `{"error": {"message", "type", "param", "code"}}`, with a 4xx code for anything
-the client sent (a validation error names its field as `param`); the API key is compared in constant time and never
-logged or echoed.
+the client sent (a validation error names its field as `param`); a 405 says what is allowed (`Allow`), and every GET
+route answers HEAD. The API key is compared in constant time and never logged or echoed: uvicorn's access log is kept
+free of query strings (`QueryRedaction`), where a key sent as `?api_key=` would be, and no header is ever logged. A
+client that leaves in the middle of its body is said in one line.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import os
 import queue
-import re
 import sys
 import threading
 import time
@@ -50,18 +54,22 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .answer import extraction_request
 from .api import span_offsets
 from .engine import Decoding, Engine, Request, Result
-from .grammar import AnswerGrammar, build_ebnf, check_ebnf
+from .grammar import AnswerGrammar, Vocabulary
+from .grammar_pool import GrammarAbandoned, GrammarBounds, GrammarRefused, Grammars, WorkersBusy
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChunkChoice, Delta, ErrorInfo, ErrorResponse, ExtractRequest,
                        ExtractResponse, GroundedItem, Health, ModelCard, ModelList, Usage, validation_error)
 from utils import INSTRUCTION, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")  # the repo's
-POLL_SECONDS = 0.25  # how often a waiting handler looks whether its client is still there
+# requests prepared at a time (tokens, and an answer grammar of at most --max_grammar_bytes); a client's grammar is
+# compiled on threads of its own (grammar_pool.Grammars.compile_pool), so that it never holds these
+PREPARE_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class ServiceSettings:
     capacity: int  # cache slots per request: prompt + max_tokens must fit
     max_body_bytes: int = 1_000_000
     api_key: str | None = None  # None: no key asked for
+    grammar: GrammarBounds = GrammarBounds()  # what a grammar may cost
 
 
 class APIError(Exception):
@@ -86,8 +95,8 @@ class APIError(Exception):
         self.status, self.error = status, ErrorInfo(message=message, type=kind, param=param, code=code)
 
 
-def error_response(status: int, error: ErrorInfo) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=error).model_dump(), status)
+def error_response(status: int, error: ErrorInfo, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=error).model_dump(), status, headers=headers)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,18 +190,20 @@ class EngineWorker:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Building the engine's request (on the preparation thread)
+# Building the engine's request (its grammar first, then the rest on a preparation thread)
 # --------------------------------------------------------------------------------------------------------------
 
 
 def request_decoding(call: ChatCompletionRequest, settings: ServiceSettings) -> Decoding:
     """A chat request's decoding: what it sets, serve.py's flags for the rest. Temperature 0 (or none, with greedy
-    flags) is greedy, as predict.py."""
+    flags) is greedy, as predict.py. --max_tgt_len is the largest max_tokens: more is a 400, as OpenAI answers a
+    max_tokens past the model's output limit."""
+    defaults = settings.decoding
     for name in ("max_completion_tokens", "max_tokens"):
         value = getattr(call, name)
-        if value is not None and value > settings.capacity:
-            raise APIError(400, f"'{name}' must be between 1 and {settings.capacity}, got {value}", name)
-    defaults = settings.decoding
+        if value is not None and value > defaults.max_new_tokens:
+            raise APIError(400, f"'{name}' must be at most {defaults.max_new_tokens}, the largest answer this server "
+                                f"generates (serve.py --max_tgt_len), got {value}", name)
     temperature = call.temperature
     return Decoding(max_new_tokens=call.max_tokens or call.max_completion_tokens or defaults.max_new_tokens,
                     do_sample=defaults.do_sample if temperature is None else temperature > 0,
@@ -211,28 +222,44 @@ def compiled(request: Request) -> Request:
     return replace(request, grammar=lambda: grammar)
 
 
-def answer_constraint(grammar: str, dialogue: str) -> str | None:
-    """"grounded" or "schema" when `grammar` is exactly that answer grammar of `dialogue`, else None."""
-    head = build_ebnf("", "schema").split("\n", 1)[0]  # the root rule, the same in every answer grammar
-    if not grammar.startswith(head):
-        return None
-    for constraint in ("schema", "grounded"):
-        if grammar == build_ebnf(dialogue, constraint):
-            return constraint
-    return None
+def instruction_chars_of(user_text: str) -> int:
+    return len(INSTRUCTION) if user_text.startswith(INSTRUCTION) else 0
 
 
-def chat_request(engine: Engine, settings: ServiceSettings, call: ChatCompletionRequest) -> Request:
-    """The engine request of a chat completion: the prompt exactly as training lays out (and cuts) this exchange."""
-    tokenizer, decoding = engine.tokenizer, request_decoding(call, settings)
-    system, user_text, client_grammar = call.system, call.user_text, call.grammar
-    instruction_chars = len(INSTRUCTION) if user_text.startswith(INSTRUCTION) else 0
+async def chat_request(http: HTTPRequest, gone: asyncio.Future, engine: Engine, grammars: Grammars,
+                       settings: ServiceSettings, call: ChatCompletionRequest) -> Request:
+    """The engine request of a chat completion: a client's grammar through `grammars` first (vetted in a worker,
+    within the bounds; recognised when it is the answer grammar of an extraction prompt's dialogue), then the rest
+    on a preparation thread (`build_chat_request`)."""
+    decoding = request_decoding(call, settings)  # what costs nothing is refused first
+    constraint, grammar = ("schema" if call.json_object else None), None
+    if call.grammar is not None:
+        user_text = call.user_text
+        instruction_chars = instruction_chars_of(user_text)
+        dialogue = user_text[instruction_chars:] if instruction_chars and call.system == SYSTEM_PROMPT else None
+        try:
+            found = await grammars.client_grammar(call.grammar, dialogue, gone)
+        except GrammarRefused as e:
+            raise APIError(400, f"structured_outputs.grammar: {e}", "structured_outputs.grammar", e.code) from None
+        constraint, grammar = (found, None) if isinstance(found, str) else (None, found)
+    try:
+        return await prepare(http, build_chat_request, engine, grammars.vocabulary, settings, call, decoding,
+                             constraint, grammar)
+    except GrammarRefused as e:  # the answer grammar of what the model reads of the dialogue
+        raise APIError(400, f"messages: the answer grammar of the dialogue: {e}", "messages", e.code) from None
+
+
+def build_chat_request(engine: Engine, vocabulary: Vocabulary, settings: ServiceSettings,
+                       call: ChatCompletionRequest, decoding: Decoding, constraint: str | None,
+                       grammar: AnswerGrammar | None) -> Request:
+    """The engine request of a chat completion: the prompt exactly as training lays out (and cuts) this exchange,
+    under the answer grammar `constraint` names or the client's compiled `grammar`."""
+    tokenizer = engine.tokenizer
+    system, user_text = call.system, call.user_text
+    instruction_chars = instruction_chars_of(user_text)
     dialogue = user_text[instruction_chars:]
-    constraint = "schema" if call.json_object else None
-    if client_grammar is not None and instruction_chars and system == SYSTEM_PROMPT:
-        constraint = answer_constraint(client_grammar, dialogue)
     if constraint is not None and system == SYSTEM_PROMPT:  # predict.py's request, token for token
-        request, _ = extraction_request(tokenizer, user_text, dialogue, decoding, constraint, engine.vocabulary,
+        request, _ = extraction_request(tokenizer, user_text, dialogue, decoding, constraint, vocabulary,
                                         settings.max_len, settings.max_src_len, settings.truncation,
                                         instruction_chars)
     else:
@@ -240,24 +267,20 @@ def chat_request(engine: Engine, settings: ServiceSettings, call: ChatCompletion
                                truncation=settings.truncation, instruction_chars=instruction_chars).input_ids
         request = Request(ids, decoding)
         if constraint is not None:  # json_object under another system prompt: the format alone
-            request = replace(request, grammar=lambda: AnswerGrammar.for_dialogue(engine.vocabulary, "", "schema"),
+            request = replace(request, grammar=lambda: AnswerGrammar.for_dialogue(vocabulary, "", "schema"),
                               closable=True)
-        elif client_grammar is not None:
-            try:
-                grammar = check_ebnf(engine.vocabulary, client_grammar)
-            except ValueError as e:  # xgrammar's reason, without its time stamp and source line
-                reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e))
-                raise APIError(400, f"structured_outputs.grammar: {reason}", "structured_outputs.grammar",
-                               "invalid_grammar") from None
+        elif grammar is not None:
             request = replace(request, grammar=lambda: grammar)
     check_fits(engine, settings, request)
     return compiled(request)
 
 
-def extract_request(engine: Engine, settings: ServiceSettings, dialogue: str) -> tuple[Request, bool]:
-    """predict.py's request for `dialogue` under the grounded grammar, and whether its prompt was cut."""
+def extract_request(engine: Engine, vocabulary: Vocabulary, settings: ServiceSettings,
+                    dialogue: str) -> tuple[Request, bool]:
+    """predict.py's request for `dialogue` under the grounded grammar, and whether its prompt was cut: the grammar
+    holds only the part of the dialogue the cut prompt keeps, so its cost is bounded by --max_src_len."""
     request, cut = extraction_request(engine.tokenizer, INSTRUCTION + dialogue, dialogue, settings.decoding,
-                                      "grounded", engine.vocabulary, settings.max_len, settings.max_src_len,
+                                      "grounded", vocabulary, settings.max_len, settings.max_src_len,
                                       settings.truncation, len(INSTRUCTION))
     check_fits(engine, settings, request)
     return compiled(request), cut
@@ -298,6 +321,22 @@ def finish_reason(result: Result) -> str:
 
 
 @asynccontextmanager
+async def watching(http: HTTPRequest) -> AsyncIterator[asyncio.Future]:
+    """A future that completes when the client disconnects, for the `async with` block. Its body has been read, so
+    the next ASGI message is the disconnect (uvicorn hands it to every receive() that waits, starlette's own
+    included)."""
+    async def until_gone() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(until_gone())
+    try:
+        yield gone
+    finally:
+        gone.cancel()
+
+
+@asynccontextmanager
 async def answering(worker: EngineWorker, request: Request, http: HTTPRequest,
                     stream: bool = False) -> AsyncIterator[AsyncIterator[str | Result]]:
     """Hands `request` to the engine thread; the `async with` block iterates over what comes back: the text as it
@@ -306,20 +345,24 @@ async def answering(worker: EngineWorker, request: Request, http: HTTPRequest,
     job = Job(request, asyncio.get_running_loop(), stream)
     worker.submit(job)
     try:
-        yield answer_events(job, http)
+        async with watching(http) as gone:
+            yield answer_events(job, gone)
     finally:
         job.cancelled.set()
 
 
-async def answer_events(job: Job, http: HTTPRequest) -> AsyncIterator[str | Result]:
-    """What the engine thread reports on `job` until its Result, looking every POLL_SECONDS whether the client left."""
+async def answer_events(job: Job, gone: asyncio.Future) -> AsyncIterator[str | Result]:
+    """What the engine thread reports on `job` until its Result, or until `gone` (the client left)."""
     while True:
+        reported = asyncio.ensure_future(job.events.get())
         try:
-            kind, value = await asyncio.wait_for(job.events.get(), POLL_SECONDS)
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                return
-            continue
+            await asyncio.wait({reported, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # however the wait ends (the client gone, the stream cancelled), no task is left pending
+            if not reported.done():
+                reported.cancel()
+        if not reported.done():  # the client left (cancelling takes effect later)
+            return
+        kind, value = reported.result()
         yield value
         if kind == "done":
             return
@@ -336,8 +379,13 @@ async def complete(worker: EngineWorker, request: Request, http: HTTPRequest) ->
 
 
 async def prepare(http: HTTPRequest, build: Callable, *args) -> Any:
-    """`build(*args)` on the preparation thread: one xgrammar compiler, and the event loop stays free."""
-    return await asyncio.get_running_loop().run_in_executor(http.app.state.prepare_pool, build, *args)
+    """`build(*args)` on a preparation thread, so that the event loop stays free."""
+    state = http.app.state
+    state.preparing += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, build, *args)
+    finally:
+        state.preparing -= 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -353,8 +401,13 @@ def worker_of(http: HTTPRequest) -> EngineWorker:
     return http.app.state.worker
 
 
+def grammars_of(http: HTTPRequest) -> Grammars:
+    return http.app.state.grammars
+
+
 SettingsDep = Annotated[ServiceSettings, Depends(settings_of)]
 WorkerDep = Annotated[EngineWorker, Depends(worker_of)]
+GrammarsDep = Annotated[Grammars, Depends(grammars_of)]
 
 
 class ReadRequest(HTTPRequest):
@@ -407,12 +460,17 @@ async def read_body(http: HTTPRequest, limit: int) -> bytes:
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the request body is larger than this server takes ({limit} bytes)", code="too_large")
     chunks, size = [], 0
-    async for chunk in http.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than this server takes ({limit} bytes)",
-                           code="too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than this server takes ({limit} bytes)",
+                               code="too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer: said in one line, not an ASGI traceback
+        print(f"{http.method} {http.url.path}: the client left after {size} of "
+              f"{length if length is not None else 'its'} body bytes", file=sys.stderr, flush=True)
+        raise APIError(400, "the client closed the connection before sending its whole body") from None
     return b"".join(chunks)
 
 
@@ -431,22 +489,26 @@ router = APIRouter()
 v1 = APIRouter(prefix="/v1", route_class=V1Route)
 
 
-@router.get("/health")
-async def health(settings: SettingsDep, worker: WorkerDep) -> Health:
-    return Health(model=settings.served_model_name, **worker.status())
+READ = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no body)
 
 
-@router.get("/")
+@router.api_route("/health", methods=READ)
+async def health(http: HTTPRequest, settings: SettingsDep, worker: WorkerDep, grammars: GrammarsDep) -> Health:
+    return Health(model=settings.served_model_name, **worker.status(), preparing=http.app.state.preparing,
+                  **grammars.status())
+
+
+@router.api_route("/", methods=READ)
 async def page() -> FileResponse:
     return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
 
 
-@v1.get("/models")
+@v1.api_route("/models", methods=READ)
 async def models(settings: SettingsDep) -> ModelList:
     return ModelList(data=[ModelCard(id=settings.served_model_name)])
 
 
-@v1.get("/models/{name:path}")
+@v1.api_route("/models/{name:path}", methods=READ)
 async def model(name: str, settings: SettingsDep) -> ModelCard:
     if name != settings.served_model_name:
         raise APIError(404, f"the model {name[:200]!r} does not exist", "model", "model_not_found")
@@ -454,9 +516,14 @@ async def model(name: str, settings: SettingsDep) -> ModelCard:
 
 
 @v1.post("/extract")
-async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep,
-                  worker: WorkerDep) -> ExtractResponse:
-    request, cut = await prepare(http, extract_request, worker.engine, settings, body.dialogue)
+async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep, worker: WorkerDep,
+                  grammars: GrammarsDep) -> ExtractResponse:
+    try:
+        request, cut = await prepare(http, extract_request, worker.engine, grammars.vocabulary, settings,
+                                     body.dialogue)
+    except GrammarRefused as e:
+        raise APIError(400, f"dialogue: its answer grammar (of the part the model reads): {e}", "dialogue",
+                       e.code) from None
     result = await complete(worker, request, http)
     fields, valid = parse_output(result.text)
     return ExtractResponse(fields=grounded_fields(fields, body.dialogue), valid=valid, truncated=result.truncated,
@@ -465,13 +532,14 @@ async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep
 
 
 @v1.post("/chat/completions", response_model=ChatCompletion)  # or, with stream, server-sent chunks
-async def chat(call: ChatCompletionRequest, http: HTTPRequest, settings: SettingsDep,
-               worker: WorkerDep) -> ChatCompletion | StreamingResponse:
+async def chat(call: ChatCompletionRequest, http: HTTPRequest, settings: SettingsDep, worker: WorkerDep,
+               grammars: GrammarsDep) -> ChatCompletion | StreamingResponse:
     name = settings.served_model_name
     if call.model is not None and call.model != name:
         raise APIError(404, f"the model {call.model[:200]!r} does not exist; this server serves {name!r}", "model",
                        "model_not_found")
-    request = await prepare(http, chat_request, worker.engine, settings, call)
+    async with watching(http) as gone:
+        request = await chat_request(http, gone, worker.engine, grammars, settings, call)
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if call.stream:
         chunks = stream_chat(worker, request, http, ChatCompletionChunk(id=ident, created=created, model=name,
@@ -521,7 +589,15 @@ async def api_error(http: HTTPRequest, e: APIError) -> JSONResponse:
 
 async def http_error(http: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return error_response(e.status_code, ErrorInfo(message=str(e.detail), code=code))
+    return error_response(e.status_code, ErrorInfo(message=str(e.detail), code=code), e.headers)  # 405: Allow
+
+
+async def grammar_abandoned(http: HTTPRequest, e: GrammarAbandoned) -> JSONResponse:
+    return error_response(499, ErrorInfo(message=str(e)))
+
+
+async def workers_busy(http: HTTPRequest, e: WorkersBusy) -> JSONResponse:
+    return error_response(503, ErrorInfo(message=str(e), type="server_error", code="grammar_workers_busy"))
 
 
 async def invalid_request(http: HTTPRequest, e: RequestValidationError) -> JSONResponse:
@@ -533,23 +609,45 @@ async def internal_error(http: HTTPRequest, e: Exception) -> JSONResponse:  # a 
     return error_response(500, ErrorInfo(message="internal server error", type="server_error"))
 
 
+class QueryRedaction(logging.Filter):
+    """uvicorn's access log line with the query string left out (`/v1/models?<query left out>`): a key sent as
+    `?api_key=...` never reaches the log. No endpoint here reads a query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<query left out>", *args[3:])
+        return True
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    access_log, redaction = logging.getLogger("uvicorn.access"), QueryRedaction()
+    access_log.addFilter(redaction)
     app.state.worker.start()
-    yield
-    app.state.worker.stop()
-    app.state.prepare_pool.shutdown(wait=False, cancel_futures=True)
+    await app.state.grammars.start()
+    try:
+        yield
+    finally:
+        app.state.worker.stop()
+        await app.state.grammars.close()
+        app.state.prepare_pool.shutdown(wait=False, cancel_futures=True)
+        access_log.removeFilter(redaction)
 
 
 def create_app(engine: Engine, settings: ServiceSettings) -> FastAPI:
-    """The FastAPI app serving `engine`; its engine thread starts with the app and stops with it."""
+    """The FastAPI app serving `engine`; its engine thread and grammar workers start with the app and stop with
+    it."""
     app = FastAPI(title="Medical dialogue extraction", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, exception_handlers={APIError: api_error, StarletteHTTPException: http_error,
                                                         RequestValidationError: invalid_request,
-                                                        Exception: internal_error})
+                                                        GrammarAbandoned: grammar_abandoned,
+                                                        WorkersBusy: workers_busy, Exception: internal_error})
     app.state.settings = settings
     app.state.worker = EngineWorker(engine, settings.capacity)
-    app.state.prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")  # one xgrammar compiler
+    app.state.grammars = Grammars(engine.vocabulary, settings.grammar)
+    app.state.prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prepare")
+    app.state.preparing = 0
     app.include_router(router)
     app.include_router(v1)
     return app

@@ -2,16 +2,25 @@
 
 The `openai` client (through test_openai.py) gets exactly predict.py's batch answers, under the grounded or the
 schema grammar or none; streamed chunks join into the answer; concurrent extractions share batches and equal their
-lone answers, every offset pointing at its span; the key is asked for and never logged; every malformed request gets a 4xx in
-OpenAI's error format and the server lives on; a client that leaves stops its answer; the page works in headless
-Chromium, checked on its DOM.
+lone answers, every offset pointing at its span; the key is asked for and never logged (not even sent as a query);
+every malformed request gets a 4xx in OpenAI's error format and the server lives on; HEAD works where GET does, and
+a 405 says what is allowed; a client that leaves mid-body is one log line; the page works in headless Chromium,
+checked on its DOM.
+
+A second server (`bounded`: small grammar bounds, one grammar worker, a longer --max_tgt_len) takes a hostile
+client: grammars that admit nothing get a 400, grammars past a bound a 400 naming the bound's flag, a grammar whose
+client leaves has its compile killed at once, a huge dialogue costs neither seconds nor memory, and while one client
+sends all of that, an ordinary extraction answers within twice its lone time. A client that leaves stops its answer.
 """
 import http.client
 import json
 import os
+import random
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +31,7 @@ import pytest
 
 import predict
 from medextract.inference import prompt_ids
+import serve
 import test_openai
 from medextract.grammar import build_ebnf
 from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT
@@ -59,32 +69,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+def start_server(tiny_ckpt: str, log: Path, *flags: str) -> Server:
+    """serve.py on a free port of 127.0.0.1, once /health answers and a grammar worker is ready."""
     port = free_port()
     # one thread for the server's torch: on a small machine the test process generates (predict.py) beside it
     env = {**os.environ, KEY_ENV: KEY, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "serve.py"), "--model_path", tiny_ckpt, "--port", str(port), "--device", "cpu",
-             "--max_tgt_len", str(MAX_TOKENS), "--max_batch_size", "8", "--api_key_env", KEY_ENV,
-             "--served_model_name", SERVED_NAME],
+             "--max_batch_size", "8", "--api_key_env", KEY_ENV, "--served_model_name", SERVED_NAME, *flags],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(port, log, process, SERVED_NAME)
     deadline = time.monotonic() + 120
     while True:
         assert process.poll() is None, log.read_text(errors="replace")
         try:
-            if call(server, "GET", "/health")[0] == 200:
-                break
+            status, body = call(server, "GET", "/health")
+            if status == 200 and body["grammar_workers_idle"]:
+                return server
         except OSError:
             pass
         assert time.monotonic() < deadline, log.read_text(errors="replace")
         time.sleep(0.2)
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    server.process.wait(timeout=30)
+    assert "Traceback" not in server.log.read_text(errors="replace")  # whatever the tests sent
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    server = start_server(tiny_ckpt, tmp_path_factory.mktemp("serve") / "server.log", "--max_tgt_len", str(MAX_TOKENS))
     yield server
-    process.terminate()
-    process.wait(timeout=30)
+    stop_server(server)
 
 
 def call(server: Server, method: str, path: str, body=None, key: str | None = KEY, headers=None,
@@ -206,7 +225,11 @@ def test_the_key_is_required_and_never_logged(server, tiny_ckpt):
     # with --served_model_name, the directory's name is not served
     assert call(server, "GET", f"/v1/models/{os.path.basename(tiny_ckpt)}")[0] == 404
     assert call(server, "GET", "/health", key=None)[0] == 200  # no key needed to see that it lives
-    assert KEY not in server.log.read_text(errors="replace")
+    # a key sent in the query, as some clients do, is not how this server takes one, and is never logged either
+    assert call(server, "GET", f"/v1/models?api_key={KEY}&x=1", key=None)[0] == 401
+    assert call(server, "GET", f"/v1/models?api_key={KEY}")[0] == 200
+    log = server.log.read_text(errors="replace")
+    assert KEY not in log and "/v1/models?<query left out>" in log
 
 
 MEGABYTES = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * 3_000_000 + b'"}]}'
@@ -231,6 +254,9 @@ MALFORMED = {
     "negative max_tokens": ("/v1/chat/completions", user(max_tokens=-5), 400),
     "max_tokens a string": ("/v1/chat/completions", user(max_tokens="8"), 400),
     "max_tokens past the context": ("/v1/chat/completions", user(max_tokens=10 ** 6), 400),
+    "max_tokens past --max_tgt_len": ("/v1/chat/completions", user(max_tokens=MAX_TOKENS + 1), 400),
+    "max_completion_tokens past --max_tgt_len": ("/v1/chat/completions",
+                                                 user(max_tokens=None, max_completion_tokens=MAX_TOKENS + 1), 400),
     "temperature a string": ("/v1/chat/completions", user(temperature="hot"), 400),
     "top_p zero": ("/v1/chat/completions", user(top_p=0), 400),
     "repetition_penalty negative": ("/v1/chat/completions", user(repetition_penalty=-1), 400),
@@ -238,6 +264,15 @@ MALFORMED = {
     "stream a string": ("/v1/chat/completions", user(stream="yes"), 400),
     "an invalid grammar": ("/v1/chat/completions", user(structured_outputs={"grammar": 'root ::= "a" undefined'}),
                            400),
+    # grammars that compile but admit no answer (before, the engine failed them: a 500 counted as a server error)
+    "a grammar whose root never ends": ("/v1/chat/completions", user(structured_outputs={"grammar": "root ::= root"}),
+                                        400),
+    "a grammar that dead-ends after a token": ("/v1/chat/completions", user(structured_outputs={
+        "grammar": 'root ::= "a" b\nb ::= "c" b'}), 400),
+    "a grammar with one dead alternative": ("/v1/chat/completions", user(structured_outputs={
+        "grammar": 'root ::= "a" | "b" dead\ndead ::= dead "x"'}), 400),
+    "a grammar of an empty character class": ("/v1/chat/completions", user(structured_outputs={
+        "grammar": 'root ::= [^\\x00-\\U0010ffff]'}), 400),
     "a grammar not a string": ("/v1/chat/completions", user(structured_outputs={"grammar": 7}), 400),
     "json_schema": ("/v1/chat/completions", user(response_format={"type": "json_schema"}), 400),
     "json_object below the shortest answer": ("/v1/chat/completions",
@@ -256,40 +291,64 @@ MALFORMED = {
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_a_malformed_request_gets_a_4xx_and_the_server_lives(server, name):
     path, body, expected = MALFORMED[name]
+    before = health(server)
     status, answer = call(server, "POST", path, body)
     assert status == expected, answer
     assert isinstance(answer["error"]["message"], str) and answer["error"]["type"] == "invalid_request_error"
     assert "Traceback" not in answer["error"]["message"]
-    assert health(server)["status"] == "ok"
+    after = health(server)
+    assert after["status"] == "ok" and after["errors"] == before["errors"]
 
 
-def test_a_wrong_method_is_a_4xx_in_openai_format(server):
-    status, answer = call(server, "GET", "/v1/chat/completions")
-    assert status == 405 and "message" in answer["error"]
+def test_max_tokens_past_max_tgt_len_names_the_limit(server):
+    status, answer = call(server, "POST", "/v1/chat/completions", user(max_tokens=MAX_TOKENS + 1))
+    assert status == 400 and answer["error"]["param"] == "max_tokens"
+    assert f"at most {MAX_TOKENS}" in answer["error"]["message"] and "--max_tgt_len" in answer["error"]["message"]
+    assert call(server, "POST", "/v1/chat/completions", user(max_tokens=MAX_TOKENS))[0] == 200
 
 
-def test_a_client_that_leaves_stops_its_answer(server):
-    """A streamed and a plain request with a long budget (the random model never stops by itself): each client
-    hangs up early, and its answer is cancelled instead of running to its 1,500 tokens."""
-    for stream in (True, False):
-        before = health(server)
-        body = json.dumps({"messages": [{"role": "user", "content": "写一篇长文章"}], "max_tokens": 1500,
-                           "stream": stream}).encode()
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        if stream:  # the headers, then the first chunk: the answer is under way
-            received = b""
-            while b"data:" not in received:
-                received += sock.recv(4096)
-        else:
-            time.sleep(0.5)
+def test_a_wrong_method_is_a_4xx_in_openai_format_and_says_what_is_allowed(server):
+    for path in ("/v1/chat/completions", "/v1/extract"):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("GET", path, headers={"Authorization": f"Bearer {KEY}"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 405 and "message" in answer["error"] and response.getheader("Allow") == "POST"
+
+
+def test_head_works_where_get_does(server):
+    for path in ("/health", "/", "/v1/models", f"/v1/models/{server.name}"):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("HEAD", path, headers={"Authorization": f"Bearer {KEY}"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b"", path
+        connection.close()
+
+
+def send_raw(server: Server, path: str, body: bytes, length: int | None = None) -> socket.socket:
+    """A POST sent on a socket of its own, `length` its Content-Length (the body's own by default); the caller
+    reads or hangs up."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body) if length is None else length}\r\n\r\n"
+                 .encode() + body)
+    return sock
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line(server):
+    for path in ("/v1/extract", "/v1/chat/completions"):
+        sock = send_raw(server, path, b'{"dialogue": "\xe6\x82\xa3\xe8\x80\x85', length=100_000)
+        time.sleep(0.2)
         sock.close()
-        deadline = time.monotonic() + 15
-        while health(server)["cancelled"] == before["cancelled"]:
-            assert time.monotonic() < deadline, health(server)
-            time.sleep(0.1)
-        assert health(server)["running"] == 0
+    deadline = time.monotonic() + 10
+    while server.log.read_text(errors="replace").count("the client left after") < 2:
+        assert time.monotonic() < deadline, server.log.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    log = server.log.read_text(errors="replace")
+    assert "POST /v1/extract: the client left after 20 of 100000 body bytes" in log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    assert health(server)["status"] == "ok"
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -352,3 +411,189 @@ def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
         assert all(tuple(o) in starts for o in offsets)
     finally:
         driver.quit()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A hostile client, on a server of small bounds
+# --------------------------------------------------------------------------------------------------------------
+
+BOUNDED_TOKENS = 256  # long enough for an answer to be under way when its client leaves
+GRAMMAR_TIMEOUT = 3.0
+MAX_GRAMMAR_BYTES = 65_536
+# a chain of `[a-z]*` compiles in time that grows faster than its length: 0.65 s at 100 terms, 5 s at 200; 300 is
+# far past GRAMMAR_TIMEOUT on any machine
+SLOW_GRAMMAR = "root ::= " + " ".join(["[a-z]*"] * 300)
+HUGE_LINES = "患者：我头疼得厉害，还有点发烧，吃了布洛芬。\n医生：先量个体温，做个血常规。\n"
+HUGE_DIALOGUE = HUGE_LINES * (900_000 // len(HUGE_LINES.encode()))  # 900 KB, under --max_body_bytes
+
+
+@pytest.fixture(scope="module")
+def bounded(tiny_ckpt, tmp_path_factory):
+    server = start_server(tiny_ckpt, tmp_path_factory.mktemp("bounded") / "server.log",
+                          "--max_tgt_len", str(BOUNDED_TOKENS), "--grammar_workers", "1",
+                          "--grammar_timeout", str(GRAMMAR_TIMEOUT), "--max_grammar_bytes", str(MAX_GRAMMAR_BYTES))
+    yield server
+    stop_server(server)
+
+
+def chat_with(grammar: str, content: str = "你好", max_tokens: int = 8, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "structured_outputs": {"grammar": grammar}, **extra}
+
+
+def resident_mb(server: Server) -> float:
+    with open(f"/proc/{server.process.pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def wait_for(condition, seconds: float, what) -> float:
+    """Seconds until `condition()` held; fails with `what()` after `seconds`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, what()
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_grammar_past_a_bound_gets_a_400_naming_its_flag(bounded, tokenizer):
+    started = time.monotonic()
+    status, answer = call(bounded, "POST", "/v1/chat/completions", chat_with(SLOW_GRAMMAR))
+    took = time.monotonic() - started
+    assert status == 400 and answer["error"]["code"] == "grammar_too_slow", answer
+    assert "--grammar_timeout" in answer["error"]["message"] and f"{GRAMMAR_TIMEOUT:g} s" in answer["error"]["message"]
+    assert GRAMMAR_TIMEOUT <= took < GRAMMAR_TIMEOUT + 5
+    big = "root ::= " + " | ".join(f'"{i}"' for i in range(MAX_GRAMMAR_BYTES // 8))
+    status, answer = call(bounded, "POST", "/v1/chat/completions", chat_with(big))
+    assert status == 400 and answer["error"]["code"] == "grammar_too_large", answer
+    assert "--max_grammar_bytes" in answer["error"]["message"] and str(MAX_GRAMMAR_BYTES) in answer["error"]["message"]
+    # a dialogue of long tokens (runs of dashes, slashes) made to fill --max_src_len: its answer grammar, built only
+    # for the part the model reads, is still 500 KB, past the bound
+    rng = random.Random(0)
+    long_tokens = [t.decode() for t in tokenizer.mergeable_ranks if len(t) > 15 and t.strip() and t.isascii()]
+    dialogue = "".join(rng.choice(long_tokens) for _ in range(4000))
+    status, answer = call(bounded, "POST", "/v1/extract", {"dialogue": dialogue})
+    assert status == 400 and answer["error"]["param"] == "dialogue", answer
+    assert "--max_grammar_bytes" in answer["error"]["message"]
+    assert health(bounded)["errors"] == 0
+
+
+def test_a_huge_dialogue_costs_neither_seconds_nor_memory(bounded):
+    """900 KB: the prompt keeps --max_src_len tokens of it, and nothing is built for the rest (an answer-shaped
+    grammar with it once took 25 s and 600 MB to recognise)."""
+    before = resident_mb(bounded)
+    answer_head = build_ebnf(DIALOGUES[0], "grounded")  # the answer grammar's form, of another dialogue
+    for path, body in (("/v1/chat/completions", chat_with(answer_head, INSTRUCTION + HUGE_DIALOGUE)),
+                       ("/v1/extract", {"dialogue": HUGE_DIALOGUE})):
+        started = time.monotonic()
+        status, answer = call(bounded, "POST", path, body)
+        assert status == 200, answer
+        assert time.monotonic() - started < 10, path
+    assert resident_mb(bounded) - before < 200
+
+
+def test_a_grammar_whose_client_leaves_stops_compiling_at_once(bounded):
+    wait_for(lambda: health(bounded)["grammar_workers_idle"] == 1, 60, lambda: health(bounded))
+    before = health(bounded)
+    sock = send_raw(bounded, "/v1/chat/completions", json.dumps(chat_with(SLOW_GRAMMAR + " [a-z]")).encode())
+    wait_for(lambda: health(bounded)["grammars_vetting"] == 1, 10, lambda: health(bounded))
+    time.sleep(0.3)
+    sock.close()
+    # killed long before the compile's own bound
+    took = wait_for(lambda: health(bounded)["grammar_workers_killed"] > before["grammar_workers_killed"], 5,
+                    lambda: health(bounded))
+    assert took < GRAMMAR_TIMEOUT - 1
+    wait_for(lambda: health(bounded)["grammar_workers_idle"] == 1, 60, lambda: health(bounded))  # replaced
+
+
+def test_nothing_one_client_sends_stalls_an_extraction(bounded):
+    """One client sends grammars that would compile for minutes (leaving on some, waiting out the bound on others),
+    grammars that admit nothing or do not parse, and a huge dialogue under an answer-shaped grammar; meanwhile an
+    ordinary /v1/extract answers within twice its lone time (medians: alone, before and after; beside the attack)."""
+    wait_for(lambda: health(bounded)["grammar_workers_idle"] == 1, 60, lambda: health(bounded))
+    lone_tokens = extract(bounded, DIALOGUES[1])["usage"]["completion_tokens"]  # its grammar compiled and cached
+
+    def timed_extract() -> float:
+        started = time.monotonic()
+        assert extract(bounded, DIALOGUES[1])["usage"]["completion_tokens"] == lone_tokens
+        return time.monotonic() - started
+
+    alone = [timed_extract() for _ in range(3)]
+    before = health(bounded)
+    stop = threading.Event()
+    counter = iter(range(10 ** 6))
+
+    def leaver():  # a different grammar each time, so that none is cached
+        while not stop.is_set():
+            sock = send_raw(bounded, "/v1/chat/completions",
+                            json.dumps(chat_with(SLOW_GRAMMAR + f' "{next(counter)}"')).encode())
+            time.sleep(0.3)
+            sock.close()
+
+    def waiter():  # waits for its answer (a 400 at the bound, or a 503 while the worker restarts), or for the end
+        while not stop.is_set():
+            with send_raw(bounded, "/v1/chat/completions",
+                          json.dumps(chat_with(SLOW_GRAMMAR + f' "w{next(counter)}"')).encode()) as sock:
+                sock.settimeout(0.1)
+                received = b""
+                while not stop.is_set() and b"\r\n" not in received:
+                    try:
+                        received += sock.recv(4096)
+                    except TimeoutError:
+                        pass
+                assert not received or received.split(b" ")[1] in (b"400", b"503"), received[:100]
+
+    def spammer():
+        huge = chat_with(build_ebnf(DIALOGUES[0]), INSTRUCTION + HUGE_DIALOGUE)
+        assert call(bounded, "POST", "/v1/chat/completions", huge)[0] == 200
+        while not stop.is_set():
+            for grammar in ("root ::= root", 'root ::= "a" b\nb ::= b', f'root ::= "{next(counter)}" undefined'):
+                assert call(bounded, "POST", "/v1/chat/completions", chat_with(grammar))[0] == 400
+            time.sleep(0.1)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        attackers = [pool.submit(role) for role in (leaver, waiter, spammer)]
+        try:
+            time.sleep(1.0)  # under way
+            beside = [timed_extract() for _ in range(3)]
+        finally:
+            stop.set()
+        for attacker in attackers:
+            attacker.result(timeout=60)  # each stops within a request's time; their own assertions held
+    after = health(bounded)
+    alone += [timed_extract() for _ in range(2)]
+    assert after["grammar_workers_killed"] > before["grammar_workers_killed"]  # the attack did reach the workers
+    assert after["errors"] == before["errors"]
+    lone, during = statistics.median(alone), statistics.median(beside)
+    print(f"\nextraction: {lone:.2f} s alone (median of {alone}), {during:.2f} s beside the attack ({beside})")
+    assert during <= 2 * lone, f"an extraction took {during:.2f} s beside the attack, {lone:.2f} s alone"
+
+
+def test_a_client_that_leaves_stops_its_answer(bounded):
+    """A streamed and a plain request with a long budget (the random model never stops by itself): each client
+    hangs up while its answer is generated, and the answer is cancelled instead of running to its 256 tokens."""
+    for stream in (True, False):
+        before = health(bounded)
+        body = json.dumps({"messages": [{"role": "user", "content": "写一篇长文章"}], "max_tokens": BOUNDED_TOKENS,
+                           "stream": stream}).encode()
+        sock = send_raw(bounded, "/v1/chat/completions", body)
+        if stream:  # the headers, then the first chunk: the answer is under way
+            received = b""
+            while b"data:" not in received:
+                received += sock.recv(4096)
+        else:
+            wait_for(lambda: health(bounded)["running"] == 1, 10, lambda: health(bounded))
+        sock.close()
+        wait_for(lambda: health(bounded)["cancelled"] > before["cancelled"], 15, lambda: health(bounded))
+        assert health(bounded)["running"] == 0
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(tiny_ckpt, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve, "load_engine", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        serve.main(["--model_path", tiny_ckpt, "--device", "cpu", "--port", str(free_port())])
+    assert stopped.value.code == 130
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert said == [f"serve.py: interrupted while loading {tiny_ckpt}; nothing was served"]
