@@ -597,3 +597,26 @@ def test_ctrl_c_while_the_model_loads_is_one_line(tiny_ckpt, monkeypatch, capsys
     assert stopped.value.code == 130
     said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert said == [f"serve.py: interrupted while loading {tiny_ckpt}; nothing was served"]
+
+
+def test_extract_offsets_point_into_the_dialogue_as_sent_in_any_normal_form(server):
+    """NFC, NFD and mixed dialogues, cut (past --max_src_len) and whole: every offset /v1/extract returns satisfies
+    dialogue[start:end] == text (tests/test_offsets.py shows the grammar of a cut NFD dialogue admitting its own
+    spans and not the precomposed ones)."""
+    import unicodedata
+
+    base = "患者：ééé ççç ñññ üüü，头疼，吃了布洛芬。\n医生：naïve café résumé，先查个血常规。\n"
+    forms = {"nfc": unicodedata.normalize("NFC", base), "nfd": unicodedata.normalize("NFD", base),
+             "mixed": unicodedata.normalize("NFD", base) + unicodedata.normalize("NFC", base)}
+    checked = 0
+    for name, text in forms.items():
+        for repeat in (1, 60):  # whole, and far past --max_src_len
+            dialogue = text * repeat
+            body = extract(server, dialogue)
+            assert body["truncated"] in (True, False)
+            for key in LIST_KEYS:
+                for item in body["fields"][key]:
+                    assert item["start"] is not None, (name, repeat, item)
+                    assert dialogue[item["start"]:item["end"]] == item["text"]
+                    checked += 1
+    assert checked > 0
