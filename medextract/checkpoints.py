@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import apply_usual_permissions, atomic_write_text, log_rank_0, one_line, print_rank_0
+from utils import apply_usual_permissions, atomic_write_text, log_rank_0, print_rank_0
 
 from .errors import ConfigError, InputError
-from .model_files import safetensors_header, weight_shards
+from .model_files import read_json_object, safetensors_header, weight_shards
 
 if TYPE_CHECKING:
     from .training import StepPlan
@@ -259,16 +259,11 @@ def use_weights_only_loading(engine) -> None:
 def read_checkpoint_json(path: str) -> dict:
     """The JSON object in `path` (a checkpoint's state and settings); InputError if it is not one."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{path}: not valid JSON ({one_line(e)}); the checkpoint is damaged, resume from another "
-                         f"one") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+        return read_json_object(path)
+    except ValueError as e:
+        damaged = "" if "cannot read it" in str(e) or "expected a JSON object" in str(e) else \
+            "; the checkpoint is damaged, resume from another one"
+        raise InputError(f"{e}{damaged}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
