@@ -116,7 +116,12 @@ def clear_run_outputs(output_dir: str, best: dict | None, resumed: bool) -> None
     """Rank 0, before the first step: no file beside the checkpoints may speak of another run. A new run (into a
     directory started over with --overwrite_output_dir, say) removes the last run's best_checkpoint.json, which
     merge_params.py would otherwise merge, its plots and its TensorBoard events; a resume rewrites
-    best_checkpoint.json from the checkpoint, since a run abandoned past that point may have recorded a later one."""
+    best_checkpoint.json from the checkpoint, since a run abandoned past that point may have recorded a later one.
+    Either way, what a killed run left half-made (a checkpoint or plot under its temporary .tmp- name) goes."""
+    for name in os.listdir(output_dir):
+        if name.startswith(".tmp-") and (CHECKPOINT_NAME.match(name[len(".tmp-"):]) or name.endswith(".png")):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if not resumed:
         for name in RUN_OUTPUTS:
             if os.path.isfile(os.path.join(output_dir, name)):

@@ -414,6 +414,14 @@ def test_a_new_run_leaves_nothing_that_speaks_of_the_last_one(tmp_path):
     checkpoints.clear_run_outputs(str(tmp_path), best=None, resumed=True)  # resumed before any evaluation
     assert not (tmp_path / "best_checkpoint.json").exists()
     assert len(os.listdir(tmp_path / "tensorboard")) == 2  # a resume purges the events past its step itself
+    # a run killed while it wrote a checkpoint or a plot leaves them under temporary names: the next run clears them
+    for resumed in (False, True):
+        (tmp_path / ".tmp-epoch-1-step-6" / "deepspeed").mkdir(parents=True)
+        (tmp_path / ".tmp-test_f1.png").write_bytes(b"half")
+        (tmp_path / ".tmp-notes").write_text("not ours")
+        checkpoints.clear_run_outputs(str(tmp_path), best=None, resumed=resumed)
+        assert not (tmp_path / ".tmp-epoch-1-step-6").exists() and not (tmp_path / ".tmp-test_f1.png").exists()
+        assert (tmp_path / ".tmp-notes").exists()
 
 
 def test_prune_checkpoints_keeps_the_newest_and_the_best(tmp_path):
