@@ -47,7 +47,7 @@ from medextract.checkpoints import (TrainState, check_resume_checkpoint, check_r
                                     write_best_checkpoint)
 from medextract.cli import add_lora_args
 from medextract.distributed import check_output_dir_shared, init_distributed
-from medextract.errors import MedextractError
+from medextract.errors import MedextractError, OutputError
 from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gather_answers, load_f1_evaluation,
                                    score_answers)
 from medextract.grammar import build_vocabulary
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         run_training(args)
     except MedextractError as e:  # the library names what is wrong in one line
         fail(PROG, e)
+    except OSError as e:  # a write that failed (a full disk): atomic_write_text names its file, and left no half
+        if not e.filename:
+            raise
+        fail(PROG, f"{e.filename}: cannot write it ({e.strerror}); the checkpoints saved before are kept")
 
 
 def run_training(args: argparse.Namespace) -> None:
@@ -508,8 +512,15 @@ def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
                        f"{ctx.plan.total_steps}{scores} | best {ctx.args.select_by} {best:.4f} at step "
                        f"{state.best['step']}", ctx.rank)
     state.last_saved_step = state.global_step
-    save_checkpoint(ctx.engine, ctx.tokenizer, ctx.args.output_dir, name, state, ctx.plan, ctx.run_info,
-                    ctx.loss_window, ctx.rank, ctx.world_size, carried)
+    try:
+        save_checkpoint(ctx.engine, ctx.tokenizer, ctx.args.output_dir, name, state, ctx.plan, ctx.run_info,
+                        ctx.loss_window, ctx.rank, ctx.world_size, carried)
+    except (OSError, RuntimeError) as e:  # a full disk, say (torch reports it as a RuntimeError of its writer)
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise
+        raise OutputError(f"{path}: cannot write the checkpoint ({getattr(e, 'strerror', None) or one_line(e)}); "
+                          f"the checkpoints saved before are kept (the next run removes this one's temporary "
+                          f".tmp-{name}), and --resume_from_checkpoint continues from the latest") from None
     if ctx.rank == 0:
         if state.best is not None:
             write_best_checkpoint(ctx.args.output_dir, best_record(state, ctx.args.select_by))
@@ -553,7 +564,11 @@ def should_stop(args: argparse.Namespace, state: TrainState) -> bool:
 def finish(ctx: RunContext, state: TrainState) -> None:
     if ctx.rank == 0:
         ctx.writer.close()
-        write_plots(state.history, ctx.args.output_dir)
+        try:
+            write_plots(state.history, ctx.args.output_dir)
+        except OSError as e:
+            raise OutputError(f"{e.filename or ctx.args.output_dir}: cannot draw the plots ({e.strerror}); the "
+                              f"checkpoints are saved") from None
         if state.best is not None:
             best = state.best
             f1 = f", test F1 {best['f1']:.4f}" if best.get("f1") is not None else ""

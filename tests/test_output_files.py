@@ -206,3 +206,21 @@ def test_evaluate_on_a_full_disk_is_one_line(tmp_path, small_disk):
                                          f"space left on device)")
         assert time.time() - started < 120
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_train_on_a_full_disk_is_one_line(tiny_ckpt, tmp_path, small_disk):
+    """train.py writing its run into a full filesystem: one line naming the file, no traceback, nothing half-made."""
+    data = tmp_path / "train.json"
+    data.write_text("".join(json.dumps({"instruction": INSTRUCTION, "input": d, "output": format_output(
+        {key: [] if key in LIST_KEYS else "" for key in EXTRACT_KEYS})}, ensure_ascii=False) + "\n"
+        for d in DIALOGUES), encoding="utf-8")
+    fill(small_disk, 0)
+    out = small_disk / "run"
+    result = run_script("train.py", "--train_path", str(data), "--test_path", "", "--model_name_or_path", tiny_ckpt,
+                        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+                        "--num_train_epochs", "1", "--max_len", "512", "--max_src_len", "400",
+                        "--output_dir", str(out), "--ds_file", str(ROOT / "ds_zero2_no_offload.json"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and "No space left on device" in last, last
+    assert not [p for p in out.rglob(".tmp-*")] if out.exists() else True
