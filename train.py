@@ -502,7 +502,8 @@ def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
             scores = f" | test_ppl {ppl:.4f}"
             if f1 is not None:
                 scores += (f" | f1 {f1:.4f} | list_f1 {summary['list_micro_f1']:.4f} | "
-                           + " ".join(f"{key} {value:.3f}" for key, value in summary["fields"].items()))
+                           + " ".join(f"{key} {value:.3f}" for key, value in summary["fields"].items())
+                           + f" | answered in {summary['seconds']:.1f} s")
                 ctx.writer.add_scalar("test_f1/macro", f1, state.global_step)
                 ctx.writer.add_scalar("test_f1/list_micro", summary["list_micro_f1"], state.global_step)
                 for key, value in summary["fields"].items():
@@ -532,6 +533,7 @@ def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
 def evaluate_f1(ctx: RunContext) -> tuple[dict, dict[str, str]]:
     """The test set answered by the model as it stands (each rank its share, rank 0 gathers and scores): the F1
     summary on every rank, and on rank 0 the files the checkpoint carries (eval_predictions.jsonl, eval_report.json)."""
+    started = time.perf_counter()
     if ctx.vocabulary is None:
         ctx.vocabulary = build_vocabulary(ctx.tokenizer, ctx.engine.module.config.vocab_size)
     ctx.engine.eval()
@@ -542,7 +544,7 @@ def evaluate_f1(ctx: RunContext) -> tuple[dict, dict[str, str]]:
     carried, message = {}, [None]
     if ctx.rank == 0:
         report = score_answers(ctx.f1_evaluation, gathered)
-        message = [f1_summary(report)]
+        message = [{**f1_summary(report), "seconds": time.perf_counter() - started}]
         carried = {"eval_predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gathered),
                    "eval_report.json": json.dumps(report, ensure_ascii=False, indent=2) + "\n"}
     if ctx.world_size > 1:
