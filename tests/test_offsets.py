@@ -92,11 +92,11 @@ def check_offsets(results) -> int:
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_every_offset_points_into_the_dialogue_as_sent(form, extractor):
-    dialogues = [FORMS[form][k:] for k in range(0, 40, 8)]
-    cut = extractor.extract(dialogues, max_new_tokens=160)
+    dialogues = [FORMS[form][k:] for k in range(0, 24, 8)]
+    cut = extractor.extract(dialogues, max_new_tokens=96)
     assert all(r.prompt_cut for r in cut)
     whole = Extractor(extractor.engine, "grounded", extractor.truncation.__class__(2048, 1560, "tokens"))
-    uncut = whole.extract(dialogues, max_new_tokens=160)
+    uncut = whole.extract(dialogues, max_new_tokens=96)
     assert not any(r.prompt_cut for r in uncut)
     assert check_offsets(cut) + check_offsets(uncut) > 0
 
