@@ -4,7 +4,7 @@ trust_remote_code), vLLM, SGLang and llama.cpp's converter run it as they run an
 
     python export_qwen2.py --model_path output_dir_qlora/merged --output_dir output_dir_qlora/merged-qwen2
 
-Qwen v1 is, weight for weight, Qwen2 (../shared/SPEC.md §8): the fused `attn.c_attn` is split into the q/k/v
+Qwen v1 is, weight for weight, Qwen2: the fused `attn.c_attn` is split into the q/k/v
 projections (with their biases), `mlp.w2` (the SiLU side) becomes gate_proj and `mlp.w1` up_proj; RMSNorm, split-half
 rotary with base 10000 and the untied head are the same. The output directory holds:
 
@@ -237,7 +237,7 @@ def qwen2_config(config, dtype: torch.dtype):
 
 
 def qwen2_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Qwen v1 weights under Qwen2's names (SPEC §8), in Qwen2's order; q/k/v are views of c_attn's thirds (no copy,
+    """Qwen v1 weights under Qwen2's names, in Qwen2's order; q/k/v are views of c_attn's thirds (no copy,
     so meta tensors work too). Every source tensor must be used exactly once."""
     left = dict(state)
 

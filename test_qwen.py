@@ -26,10 +26,12 @@ from utils import fail
 
 PROG = "test_qwen.py"
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
+MODEL_PATH_HELP = ("the untuned base model's directory (config.json, weights and the tokenizer's qwen.tiktoken), as "
+                   "downloaded: README section 1 says where from")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl").parse_args(argv)
+    args = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", MODEL_PATH_HELP).parse_args(argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

@@ -5,11 +5,11 @@ resolved settings and the state needed to resume exactly.
 
 The chapter's command, on one or many GPUs (add --hostfile for many machines; output_dir must then be shared):
 
-    deepspeed train.py --train_path data/train.json --test_path data/test.json \
-        --model_name_or_path Qwen-1_8-chat --per_device_train_batch_size 2 --max_len 2048 --max_src_len 1560 \
-        --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 3 --gradient_accumulation_steps 4 \
-        --warmup_ratio 0.03 --seed 1234 --show_loss_step 10 --lora_dim 16 --lora_alpha 64 --save_model_step 100 \
-        --lora_dropout 0.1 --output_dir ./output_dir_qlora --gradient_checkpointing \
+    deepspeed train.py --train_path data/train.json --test_path data/test.json \\
+        --model_name_or_path Qwen-1_8-chat --per_device_train_batch_size 2 --max_len 2048 --max_src_len 1560 \\
+        --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 3 --gradient_accumulation_steps 4 \\
+        --warmup_ratio 0.03 --seed 1234 --show_loss_step 10 --lora_dim 16 --lora_alpha 64 --save_model_step 100 \\
+        --lora_dropout 0.1 --output_dir ./output_dir_qlora --gradient_checkpointing \\
         --ds_file ds_zero2_no_offload.json --is_skip
 
 The same script and flags also run as two CPU ranks over gloo, `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train.py ...`,
@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="keep only the N newest checkpoints, plus the best one; 0 = keep all (a 1.8B "
                           "checkpoint is ~0.28 GB: the adapter and its fp32 Adam state)")
     run.add_argument("--resume_from_checkpoint", default="",
-                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly")
+                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly; by default a new run")
     run.add_argument("--stop_after_steps", type=int, default=0,
                      help="stop after this many optimizer steps in total, as if interrupted (the schedule still "
                           "spans all epochs); 0 = run to the end")

@@ -23,12 +23,15 @@ from .qlora import QLoRASettings
 from .terminal import interactive
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH) -> None:
+MODEL_PATH_HELP = ("checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a train.py "
+                   "checkpoint also works, its adapter put unmerged on the base it names")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH,
+                        model_path_help: str = MODEL_PATH_HELP) -> None:
     """--model_path, --device, --dtype."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model_path", type=str, default=model_path,
-                       help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a "
-                            "train.py checkpoint also works, its adapter put unmerged on the base it names")
+    model.add_argument("--model_path", type=str, default=model_path, help=model_path_help)
     model.add_argument("--device", type=str, default="auto",
                        help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
@@ -77,10 +80,11 @@ def add_batch_arguments(parser: argparse.ArgumentParser, output_file: str) -> No
                     help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
 
 
-def extraction_parser(description: str, model_path: str, output_file: str) -> argparse.ArgumentParser:
+def extraction_parser(description: str, model_path: str, output_file: str,
+                      model_path_help: str = MODEL_PATH_HELP) -> argparse.ArgumentParser:
     """predict.py's and test_qwen.py's flags: the model, generation and batch groups."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_arguments(parser, model_path)
+    add_model_arguments(parser, model_path, model_path_help)
     add_generation_arguments(parser)
     add_batch_arguments(parser, output_file)
     return parser

@@ -1,4 +1,4 @@
-"""QWenConfig: the configuration of Qwen-1.8B-Chat. Defaults are the 1.8B values (../shared/SPEC.md §2.1), so a
+"""QWenConfig: the configuration of Qwen-1.8B-Chat. Defaults are the published 1.8B values, so a
 config.json that omits a field (`seq_length`, say) still gives the real model; a published config.json loads unchanged.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import tempfile
 import torch
 from transformers import GenerationConfig
 
-from utils import apply_usual_permissions, check_output_path
+from utils import HelpFormatter, apply_usual_permissions, check_output_path
 
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default="tiny_qwen", help="directory to create (must not exist or be empty)")
     shape = parser.add_argument_group("shape (QWenConfig fields)")
     shape.add_argument("--hidden_size", type=int, default=64, help="model width")
