@@ -41,7 +41,7 @@ import unicodedata
 import torch
 from safetensors.torch import save_file
 
-from medextract.model_files import LOAD_ERRORS, check_model_files, check_vocabulary
+from medextract.model_files import LOAD_ERRORS, RANDOM_WEIGHTS_KEY, check_model_files, check_vocabulary
 from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, apply_usual_permissions,
                    build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, silence_library_deprecations)
 
@@ -351,6 +351,8 @@ def qwen2_config_json(config, dtype: torch.dtype) -> str:
     q2 = json.loads(qwen2_config(config, dtype).to_json_string())
     q2["rope_theta"] = q2["rope_parameters"]["rope_theta"]
     q2["torch_dtype"] = q2["dtype"]
+    if getattr(config, RANDOM_WEIGHTS_KEY, False):  # a make_tiny model stays marked (stock transformers keeps the key)
+        q2[RANDOM_WEIGHTS_KEY] = True
     return json.dumps(q2, indent=2, sort_keys=True) + "\n"
 
 

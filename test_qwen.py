@@ -20,7 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from medextract.cli import check_batch_args, extraction_parser, run_extraction
+from medextract.cli import check_batch_args, extraction_parser, parse_extraction_args, run_extraction
 from medextract.errors import MedextractError
 from utils import fail
 
@@ -31,7 +31,8 @@ MODEL_PATH_HELP = ("the untuned base model's directory (config.json, weights and
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", MODEL_PATH_HELP).parse_args(argv)
+    parser = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", MODEL_PATH_HELP)
+    args = parse_extraction_args(parser, argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

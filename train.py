@@ -52,7 +52,7 @@ from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gathe
                                    score_answers)
 from medextract.grammar import build_vocabulary
 from medextract.inference import MIN_CONSTRAINED_TOKENS, Truncation
-from medextract.model_files import check_model_files, check_vocabulary
+from medextract.model_files import check_model_files, check_vocabulary, has_random_weights
 from medextract.qlora import QLoRASettings, build_model, resolve_precision
 from medextract.training import (OptimizerSettings, ResumableDistributedSampler, StepPlan, build_ds_config,
                                  build_engine, library_versions, load_ds_json, model_inputs, write_plots)
@@ -377,6 +377,9 @@ def describe_run(args, model, ds_config, plan, world_size, device, precision, tr
                  f"{plan.micro_batches_per_epoch} | optimizer steps {plan.total_steps} "
                  f"({plan.steps_per_epoch} per epoch) | warmup {plan.warmup_steps} | world size {world_size} | "
                  f"{precision} on {device.type}", rank)
+    if has_random_weights(args.model_name_or_path):
+        print_rank_0("note: the base model has random weights (make_tiny): perplexity near the vocabulary size "
+                     "(~150,000) and F1 near 0 are expected", rank)
     return {"args": vars(args), "ds_config": ds_config, "world_size": world_size, "device": device.type,
             "precision": precision, "quantization": args.quantization,
             "bnb_4bit_compute_dtype": precision if args.quantization == "nf4" else None,

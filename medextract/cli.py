@@ -19,6 +19,7 @@ from .errors import ConfigError, MedextractError, OutputError
 from .grammar import CONSTRAINTS
 from .inference import (DEFAULT_MODEL_PATH, Interrupted, Truncation, answer_dialogue, check_generation, dtype_note,
                         predict_file, prepare_engine, resolve_dtype, trained_truncation)
+from .model_files import RANDOM_WEIGHTS_NOTE, has_random_weights
 from .qlora import QLoRASettings
 from .terminal import interactive
 
@@ -90,6 +91,34 @@ def extraction_parser(description: str, model_path: str, output_file: str,
     return parser
 
 
+# The chapter's predict.py sampled with these; here they act only with --do_sample
+CHAPTER_SAMPLING_FLAGS = ("top_p", "temperature")
+
+
+def parse_extraction_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, plus `args.sampling_flags_given`: which of the chapter's sampling flags the command
+    line set, even to their default values. argparse fills a default only where the namespace has no value yet, so
+    a marker put there first stays for a flag that was not given."""
+    unset = object()
+    args = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in CHAPTER_SAMPLING_FLAGS}))
+    args.sampling_flags_given = [name for name in CHAPTER_SAMPLING_FLAGS if getattr(args, name) is not unset]
+    for name in CHAPTER_SAMPLING_FLAGS:
+        if getattr(args, name) is unset:
+            setattr(args, name, parser.get_default(name))
+    return args
+
+
+def greedy_note(args: argparse.Namespace) -> str | None:
+    """One line for a command that gives the chapter's sampling flags without --do_sample, which a reader of the
+    book expects to sample: here they wait for --do_sample."""
+    given = getattr(args, "sampling_flags_given", [])
+    if not given or args.do_sample:
+        return None
+    flags = " and ".join(f"--{name}" for name in given)
+    return (f"note: decoding is greedy; {flags} {'take' if len(given) > 1 else 'takes'} effect only with "
+            f"--do_sample, which samples as the book did")
+
+
 def add_lora_args(group) -> None:
     """The LoRA flags of train.py and bench/bench_train.py, so both build the same adapter."""
     defaults = QLoRASettings(model_name_or_path="")
@@ -123,7 +152,10 @@ def check_generation_args(args: argparse.Namespace, constraint: str) -> None:
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
-    """predict.py's and test_qwen.py's flags."""
+    """predict.py's and test_qwen.py's flags (a note where sampling flags come without --do_sample)."""
+    note = greedy_note(args)
+    if note:
+        print(note, flush=True)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_generation_args(args, args.constraint)
@@ -149,6 +181,8 @@ def run_extraction(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     decoding, truncation = decoding_of(args), truncation_of(args)
     print(dtype_note(args.dtype, device), flush=True)
+    if has_random_weights(args.model_path):  # before the first answer, batch or interactive
+        print(RANDOM_WEIGHTS_NOTE, flush=True)
     try:
         return extract_as_asked(args, device, decoding, truncation)
     except KeyboardInterrupt:  # while the model loads, say (predict_file says what it kept itself)

@@ -40,6 +40,8 @@ class QWenConfig(PretrainedConfig):
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
     onnx_safe: bool | None = None
+    # Set by make_tiny, so every script that shows a random model's answers can say so (medextract.model_files)
+    random_weights: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
