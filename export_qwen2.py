@@ -13,6 +13,8 @@ rotary with base 10000 and the untied head are the same. The output directory ho
 - tokenizer.json built by transformers' own tiktoken converter with Qwen's split pattern and an NFC normaliser, and
   tokenizer_config.json with a ChatML chat template whose default system prompt is training's, so
   `apply_chat_template(messages, add_generation_prompt=True)` gives the ids predict.py builds;
+- instruction.txt: the extraction instruction (utils.INSTRUCTION, UTF-8), which a user message puts before the
+  dialogue, so a client with no project code sends the prompt the model was trained on;
 - the run's train_args.json if the source has one, and export_info.json (what the self-check measured).
 
 Before anything is put in place, a fresh interpreter that cannot import this project (`python -I`, another working
@@ -47,6 +49,7 @@ from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, appl
 
 PROG = "export_qwen2.py"
 
+INSTRUCTION_FILE = "instruction.txt"  # utils.INSTRUCTION, for clients without this project's code
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
 PROJECT_MODULES = ("qwen1_8", "utils", "medextract", "export_qwen2", "predict", "train", "merge_params")
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="export-qwen2-check-") as work_dir:
             dtype = write_model(args.model_path, config, tokenizer, tmp, work_dir, args.max_shard_bytes)
             write_tokenizer(tokenizer, config, tmp)
+            with open(os.path.join(tmp, INSTRUCTION_FILE), "w", encoding="utf-8") as f:
+                f.write(INSTRUCTION)
             run_args = os.path.join(args.model_path, "train_args.json")  # the run's lengths, for whoever serves it
             if os.path.isfile(run_args):
                 shutil.copyfile(run_args, os.path.join(tmp, "train_args.json"))
