@@ -52,6 +52,8 @@ def test_merged_model_matches_base_plus_adapter(tiny_ckpt, adapter_dir, tmp_path
     with open(os.path.join(merged_dir, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["random_weights"] is True  # make_tiny's mark, kept through the merge
     assert has_random_weights(merged_dir)
+    assert has_random_weights(adapter_dir)  # a checkpoint: the base its adapter_config.json names
+    assert not has_random_weights(str(tmp_path))  # no model there: not said to be random
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     with open(os.path.join(merged_dir, "merge_info.json"), encoding="utf-8") as f:
         assert json.load(f)["dtype"] == "float32"  # the base's config dtype

@@ -348,15 +348,18 @@ def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp
     assert inference.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
 
 
-def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):
-    """test_qwen.py writes the same records as predict.py, from the same prompts (greedy, so the same answers)."""
+def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path, capsys):
+    """test_qwen.py writes the same records as predict.py, from the same prompts (greedy, so the same answers); each
+    says once, at the start, that the make_tiny model has random weights."""
     import test_qwen
 
     inputs = tmp_path / "test.json"
     write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
     common = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--max_tgt_len", "64"]
-    assert test_qwen.main(common + ["--output_file", str(tmp_path / "base.jsonl")]) == 0
-    assert predict.main(common + ["--output_file", str(tmp_path / "tuned.jsonl")]) == 0
+    for script, output in ((test_qwen, "base.jsonl"), (predict, "tuned.jsonl")):
+        assert script.main(common + ["--output_file", str(tmp_path / output)]) == 0
+        out = capsys.readouterr().out
+        assert out.count(RANDOM_WEIGHTS_NOTE) == 1 and out.index(RANDOM_WEIGHTS_NOTE) < out.index("records"), out
     base, tuned = read_lines(tmp_path / "base.jsonl"), read_lines(tmp_path / "tuned.jsonl")
     assert sorted(r["id"] for r in base) == [0, 1]
     assert sorted(base, key=lambda r: r["id"]) == sorted(tuned, key=lambda r: r["id"])
