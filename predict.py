@@ -24,7 +24,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from medextract.cli import check_batch_args, extraction_parser, parse_extraction_args, run_extraction
+from medextract.cli import check_batch_args, extraction_parser, run_extraction
 from medextract.errors import MedextractError
 from medextract.inference import DEFAULT_MODEL_PATH
 from utils import fail
@@ -33,7 +33,7 @@ PROG = "predict.py"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = parse_extraction_args(extraction_parser(__doc__, DEFAULT_MODEL_PATH, "predictions.jsonl"), argv)
+    args = extraction_parser(__doc__, DEFAULT_MODEL_PATH, "predictions.jsonl").parse_args(argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

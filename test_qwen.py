@@ -20,19 +20,19 @@ import argparse
 import sys
 from typing import Sequence
 
-from medextract.cli import check_batch_args, extraction_parser, parse_extraction_args, run_extraction
+from medextract.cli import check_batch_args, extraction_parser, run_extraction
 from medextract.errors import MedextractError
 from utils import fail
 
 PROG = "test_qwen.py"
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
-MODEL_PATH_HELP = ("the untuned base model's directory (config.json, weights and the tokenizer's qwen.tiktoken), as "
-                   "downloaded: README section 1 says where from")
+BASE_MODEL_PATH_HELP = ("the untuned base model's directory (config.json, weights and the tokenizer's "
+                        "qwen.tiktoken), as downloaded: README section 1 says where from")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", MODEL_PATH_HELP)
-    args = parse_extraction_args(parser, argv)
+    parser = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", BASE_MODEL_PATH_HELP)
+    args = parser.parse_args(argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="keep only the N newest checkpoints, plus the best one; 0 = keep all (a 1.8B "
                           "checkpoint is ~0.28 GB: the adapter and its fp32 Adam state)")
     run.add_argument("--resume_from_checkpoint", default="",
-                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly; by default a new run")
+                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly; by default a new "
+                          "run")
     run.add_argument("--stop_after_steps", type=int, default=0,
                      help="stop after this many optimizer steps in total, as if interrupted (the schedule still "
                           "spans all epochs); 0 = run to the end")

@@ -40,6 +40,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAU
                             "bf16 on a CPU that computes it natively (AVX512-BF16, AMX), else fp32")
 
 
+class StoreSamplingFlag(argparse.Action):
+    """Stores the value like `store`, and notes the flag in `args.sampling_flags_given`: a flag the command line
+    gives, even at its default value, is told apart from one left out (the chapter's command gives --top_p 0.8
+    --temperature 0.8, the defaults, and expects them to sample)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "sampling_flags_given", ())
+        setattr(namespace, "sampling_flags_given", (*given, self.dest) if self.dest not in given else given)
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool = True,
                              max_tgt_len_help: str = "most new tokens generated per answer") -> None:
     """The decoding and prompt-length flags; serve.py takes them as the defaults of its requests and has no
@@ -54,8 +65,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool =
                               "text (for labels that are not verbatim); none: free generation, the chapter's way")
     gen.add_argument("--do_sample", action="store_true",
                      help="sample with --top_p/--temperature instead of greedy decoding (greedy is reproducible)")
-    gen.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (only with --do_sample)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (only with --do_sample)")
+    gen.add_argument("--top_p", type=float, default=0.8, action=StoreSamplingFlag,
+                     help="nucleus sampling mass (only with --do_sample)")
+    gen.add_argument("--temperature", type=float, default=0.8, action=StoreSamplingFlag,
+                     help="sampling temperature (only with --do_sample)")
     gen.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty,
                      help="penalty on tokens already in the prompt or answer; 1.0 turns it off")
     gen.add_argument("--seed", type=int, default=42, help="random seed (matters only with --do_sample)")
@@ -91,27 +104,10 @@ def extraction_parser(description: str, model_path: str, output_file: str,
     return parser
 
 
-# The chapter's predict.py sampled with these; here they act only with --do_sample
-CHAPTER_SAMPLING_FLAGS = ("top_p", "temperature")
-
-
-def parse_extraction_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """`parser.parse_args(argv)`, plus `args.sampling_flags_given`: which of the chapter's sampling flags the command
-    line set, even to their default values. argparse fills a default only where the namespace has no value yet, so
-    a marker put there first stays for a flag that was not given."""
-    unset = object()
-    args = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in CHAPTER_SAMPLING_FLAGS}))
-    args.sampling_flags_given = [name for name in CHAPTER_SAMPLING_FLAGS if getattr(args, name) is not unset]
-    for name in CHAPTER_SAMPLING_FLAGS:
-        if getattr(args, name) is unset:
-            setattr(args, name, parser.get_default(name))
-    return args
-
-
 def greedy_note(args: argparse.Namespace) -> str | None:
     """One line for a command that gives the chapter's sampling flags without --do_sample, which a reader of the
     book expects to sample: here they wait for --do_sample."""
-    given = getattr(args, "sampling_flags_given", [])
+    given = getattr(args, "sampling_flags_given", ())
     if not given or args.do_sample:
         return None
     flags = " and ".join(f"--{name}" for name in given)

@@ -64,8 +64,8 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
     config = QWenConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                         num_attention_heads=num_attention_heads, kv_channels=hidden_size // num_attention_heads,
                         intermediate_size=intermediate_size, vocab_size=vocab_size,
-                        initializer_range=initializer_range, architectures=["QWenLMHeadModel"], tokenizer_class="QWenTokenizer",
-                        random_weights=True)
+                        initializer_range=initializer_range, architectures=["QWenLMHeadModel"],
+                        tokenizer_class="QWenTokenizer", random_weights=True)
     torch.manual_seed(seed)
     model = QWenLMHeadModel(config).to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]

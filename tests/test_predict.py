@@ -275,7 +275,7 @@ def test_the_chapters_sampling_flags_without_do_sample_get_one_note(tiny_ckpt, c
 
     for script, argv, note in ((predict, ["--top_p", "0.8"], "--top_p takes effect only with --do_sample"),
                                (test_qwen, ["--temperature", "0.5", "--top_p", "0.9"],
-                                "--top_p and --temperature take effect only with --do_sample"),
+                                "--temperature and --top_p take effect only with --do_sample"),  # as given
                                (predict, ["--top_p", "0.8", "--do_sample"], None), (test_qwen, [], None)):
         args = script.parse_args(["--model_path", tiny_ckpt, *argv])
         out = capsys.readouterr().out

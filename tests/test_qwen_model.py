@@ -1,5 +1,5 @@
-"""qwen1_8 model: checkpoint names and shapes, math against a float64 reference written from the published math, KV cache,
-left-padded batches, stopping, gradient checkpointing, 4-bit NF4 + LoRA on CPU, chat()."""
+"""qwen1_8 model: checkpoint names and shapes, math against a float64 reference written from the published math,
+KV cache, left-padded batches, stopping, gradient checkpointing, 4-bit NF4 + LoRA on CPU, chat()."""
 import json
 import math
 import os
