@@ -4,7 +4,7 @@ trust_remote_code), vLLM, SGLang and llama.cpp's converter run it as they run an
 
     python export_qwen2.py --model_path output_dir_qlora/merged --output_dir output_dir_qlora/merged-qwen2
 
-Qwen v1 is, weight for weight, Qwen2 (../shared/SPEC.md §8): the fused `attn.c_attn` is split into the q/k/v
+Qwen v1 is, weight for weight, Qwen2: the fused `attn.c_attn` is split into the q/k/v
 projections (with their biases), `mlp.w2` (the SiLU side) becomes gate_proj and `mlp.w1` up_proj; RMSNorm, split-half
 rotary with base 10000 and the untied head are the same. The output directory holds:
 
@@ -13,6 +13,8 @@ rotary with base 10000 and the untied head are the same. The output directory ho
 - tokenizer.json built by transformers' own tiktoken converter with Qwen's split pattern and an NFC normaliser, and
   tokenizer_config.json with a ChatML chat template whose default system prompt is training's, so
   `apply_chat_template(messages, add_generation_prompt=True)` gives the ids predict.py builds;
+- instruction.txt: the extraction instruction (utils.INSTRUCTION, UTF-8), which a user message puts before the
+  dialogue, so a client with no project code sends the prompt the model was trained on;
 - the run's train_args.json if the source has one, and export_info.json (what the self-check measured).
 
 Before anything is put in place, a fresh interpreter that cannot import this project (`python -I`, another working
@@ -41,12 +43,13 @@ import unicodedata
 import torch
 from safetensors.torch import save_file
 
-from medextract.model_files import LOAD_ERRORS, check_model_files, check_vocabulary
+from medextract.model_files import LOAD_ERRORS, RANDOM_WEIGHTS_KEY, check_model_files, check_vocabulary
 from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, apply_usual_permissions,
                    build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, silence_library_deprecations)
 
 PROG = "export_qwen2.py"
 
+INSTRUCTION_FILE = "instruction.txt"  # utils.INSTRUCTION, for clients without this project's code
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
 PROJECT_MODULES = ("qwen1_8", "utils", "medextract", "export_qwen2", "predict", "train", "merge_params")
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="export-qwen2-check-") as work_dir:
             dtype = write_model(args.model_path, config, tokenizer, tmp, work_dir, args.max_shard_bytes)
             write_tokenizer(tokenizer, config, tmp)
+            with open(os.path.join(tmp, INSTRUCTION_FILE), "w", encoding="utf-8") as f:
+                f.write(INSTRUCTION)
             run_args = os.path.join(args.model_path, "train_args.json")  # the run's lengths, for whoever serves it
             if os.path.isfile(run_args):
                 shutil.copyfile(run_args, os.path.join(tmp, "train_args.json"))
@@ -237,7 +242,7 @@ def qwen2_config(config, dtype: torch.dtype):
 
 
 def qwen2_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Qwen v1 weights under Qwen2's names (SPEC §8), in Qwen2's order; q/k/v are views of c_attn's thirds (no copy,
+    """Qwen v1 weights under Qwen2's names, in Qwen2's order; q/k/v are views of c_attn's thirds (no copy,
     so meta tensors work too). Every source tensor must be used exactly once."""
     left = dict(state)
 
@@ -351,6 +356,8 @@ def qwen2_config_json(config, dtype: torch.dtype) -> str:
     q2 = json.loads(qwen2_config(config, dtype).to_json_string())
     q2["rope_theta"] = q2["rope_parameters"]["rope_theta"]
     q2["torch_dtype"] = q2["dtype"]
+    if getattr(config, RANDOM_WEIGHTS_KEY, False):  # a make_tiny model stays marked (stock transformers keeps the key)
+        q2[RANDOM_WEIGHTS_KEY] = True
     return json.dumps(q2, indent=2, sort_keys=True) + "\n"
 
 

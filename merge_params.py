@@ -2,7 +2,7 @@
 (safetensors shards, config.json, generation_config.json, tokenizer files, and the run's train_args.json, from which
 predict.py takes the training lengths) that loads with our qwen1_8 classes.
 
-    python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora \
+    python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora \\
         --save_model_dir output_dir_qlora/merged
 
 --model_dir is a checkpoint (output_dir_qlora/epoch-3-step-909) or a run's output_dir, which stands for the best

@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import openai
 from tqdm import tqdm
 
+from medextract.decoding import Decoding
 from medextract.grammar import CONSTRAINTS
 from medextract.inference import Example, read_examples
 from medextract.terminal import interactive, show_answer
@@ -72,8 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: near-deterministic)")
-    gen.add_argument("--max_tokens", "--max_tgt_len", type=int, default=1024,
-                     help="most tokens in one answer (the API's name; predict.py's --max_tgt_len is the same)")
+    gen.add_argument("--max_tokens", "--max_tgt_len", type=int, default=Decoding().max_new_tokens,
+                     help="most tokens in one answer (the API's name; predict.py's --max_tgt_len is the same "
+                          "setting)")
     gen.add_argument("--json_mode", action="store_true",
                      help='ask for response_format {"type": "json_object"} (not every compatible server has it)')
     gen.add_argument("--constraint", choices=CONSTRAINTS, default="none",
@@ -179,7 +181,7 @@ def endpoint(client) -> str:
 class Settings:
     model: str
     temperature: float = 0.0
-    max_tokens: int = 1024
+    max_tokens: int = Decoding().max_new_tokens  # predict.py's --max_tgt_len
     json_mode: bool = False
     max_retries: int = 5
     retry_base_delay: float = 1.0

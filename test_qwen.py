@@ -26,10 +26,13 @@ from utils import fail
 
 PROG = "test_qwen.py"
 BASE_MODEL_PATH = "Qwen-1_8-chat/"
+BASE_MODEL_PATH_HELP = ("the untuned base model's directory (config.json, weights and the tokenizer's "
+                        "qwen.tiktoken), as downloaded: README section 1 says where from")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl").parse_args(argv)
+    parser = extraction_parser(__doc__, BASE_MODEL_PATH, "predictions_base.jsonl", BASE_MODEL_PATH_HELP)
+    args = parser.parse_args(argv)
     try:
         check_batch_args(args)
     except MedextractError as e:

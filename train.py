@@ -5,11 +5,11 @@ resolved settings and the state needed to resume exactly.
 
 The chapter's command, on one or many GPUs (add --hostfile for many machines; output_dir must then be shared):
 
-    deepspeed train.py --train_path data/train.json --test_path data/test.json \
-        --model_name_or_path Qwen-1_8-chat --per_device_train_batch_size 2 --max_len 2048 --max_src_len 1560 \
-        --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 3 --gradient_accumulation_steps 4 \
-        --warmup_ratio 0.03 --seed 1234 --show_loss_step 10 --lora_dim 16 --lora_alpha 64 --save_model_step 100 \
-        --lora_dropout 0.1 --output_dir ./output_dir_qlora --gradient_checkpointing \
+    deepspeed train.py --train_path data/train.json --test_path data/test.json \\
+        --model_name_or_path Qwen-1_8-chat --per_device_train_batch_size 2 --max_len 2048 --max_src_len 1560 \\
+        --learning_rate 1e-4 --weight_decay 0.1 --num_train_epochs 3 --gradient_accumulation_steps 4 \\
+        --warmup_ratio 0.03 --seed 1234 --show_loss_step 10 --lora_dim 16 --lora_alpha 64 --save_model_step 100 \\
+        --lora_dropout 0.1 --output_dir ./output_dir_qlora --gradient_checkpointing \\
         --ds_file ds_zero2_no_offload.json --is_skip
 
 The same script and flags also run as two CPU ranks over gloo, `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train.py ...`,
@@ -52,7 +52,7 @@ from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gathe
                                    score_answers)
 from medextract.grammar import build_vocabulary
 from medextract.inference import MIN_CONSTRAINED_TOKENS, Truncation
-from medextract.model_files import check_model_files, check_vocabulary
+from medextract.model_files import check_model_files, check_vocabulary, has_random_weights
 from medextract.qlora import QLoRASettings, build_model, resolve_precision
 from medextract.training import (OptimizerSettings, ResumableDistributedSampler, StepPlan, build_ds_config,
                                  build_engine, library_versions, load_ds_json, model_inputs, write_plots)
@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="keep only the N newest checkpoints, plus the best one; 0 = keep all (a 1.8B "
                           "checkpoint is ~0.28 GB: the adapter and its fp32 Adam state)")
     run.add_argument("--resume_from_checkpoint", default="",
-                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly")
+                     help="a checkpoint dir of this run (epoch-E-step-G) to continue from exactly; by default a new "
+                          "run")
     run.add_argument("--stop_after_steps", type=int, default=0,
                      help="stop after this many optimizer steps in total, as if interrupted (the schedule still "
                           "spans all epochs); 0 = run to the end")
@@ -381,6 +382,9 @@ def describe_run(args, model, ds_config, plan, world_size, device, precision, tr
                  f"{plan.micro_batches_per_epoch} | optimizer steps {plan.total_steps} "
                  f"({plan.steps_per_epoch} per epoch) | warmup {plan.warmup_steps} | world size {world_size} | "
                  f"{precision} on {device.type}", rank)
+    if has_random_weights(args.model_name_or_path):
+        print_rank_0("note: the base model has random weights (make_tiny): perplexity near the vocabulary size "
+                     "(~150,000) and F1 near 0 are expected", rank)
     return {"args": vars(args), "ds_config": ds_config, "world_size": world_size, "device": device.type,
             "precision": precision, "quantization": args.quantization,
             "bnb_4bit_compute_dtype": precision if args.quantization == "nf4" else None,

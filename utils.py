@@ -1,7 +1,7 @@
 """What two or more scripts share: the prompts, the ChatML token layout, the training dataset and collator, the
 output parser, JSON Lines I/O that never leaves half-written files, seeding and rank-0 printing.
 
-The token layout reproduces the chapter's (../shared/SPEC.md §1.2) bit for bit, with its output-truncation
+The token layout reproduces the chapter's bit for bit, with its output-truncation
 off-by-one fixed, and is built by one function, `build_chatml_ids`, used by training and prediction alike.
 """
 from __future__ import annotations

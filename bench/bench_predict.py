@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "natively, else fp32 (predict.py's --dtype auto)")
     model.add_argument("--compare_dtypes", type=str, nargs="+", default=None, choices=["bf16", "fp16", "fp32"],
                        help="run our batched way once per dtype, interleaved round by round (e.g. fp32 bf16); the "
-                            "chapter's way runs in the first; replaces --dtype")
+                            "chapter's way runs in the first; replaces --dtype; by default only --dtype runs")
 
     work = parser.add_argument_group("workload")
     work.add_argument("--input_file", type=str, default=os.path.join(ROOT, "data", "test.json"),
@@ -59,7 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     work.add_argument("--new_tokens", type=int, default=64,
                       help="tokens generated per dialogue, in every variant (real answers are about 150)")
     work.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 8, 16], help="batch sizes of the batched path")
-    work.add_argument("--repetition_penalty", type=float, default=1.1, help="as predict.py's default")
+    work.add_argument("--repetition_penalty", type=float, default=1.1,
+                      help="penalty on tokens already in the prompt or answer, as predict.py's")
     work.add_argument("--max_len", type=int, default=2048, help="prompt truncation, as in training")
     work.add_argument("--max_src_len", type=int, default=1560, help="prompt truncation, as in training")
     work.add_argument("--seed", type=int, default=0, help="seed of the random model")

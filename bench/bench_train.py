@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="tokens per synthetic sequence (the chapter's --max_len: the worst case)")
     work.add_argument("--label_len", type=int, default=136, help="labelled tokens at the end of each sequence")
     work.add_argument("--train_path", type=str, default="",
-                      help="use real batches from this data_helper.py file instead of synthetic ones")
+                      help="real batches from this data_helper.py file; by default synthetic ones (--seq_len, "
+                           "--label_len)")
     work.add_argument("--max_len", type=int, default=2048, help="with --train_path: as train.py")
     work.add_argument("--max_src_len", type=int, default=1560, help="with --train_path: as train.py")
     work.add_argument("--warmup_steps", type=int, default=1, help="optimizer steps run before timing")

@@ -17,11 +17,11 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from utils import EXTRACT_KEYS, LIST_KEYS, atomic_write_text
+from utils import EXTRACT_KEYS, LIST_KEYS, HelpFormatter, atomic_write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="data/all.json", help="where to write the JSON array of records")
     gen = parser.add_argument_group("generation")
@@ -700,7 +700,7 @@ class Builder:
         self.lines: list[tuple[str, str]] = []
         self.found: dict[str, list[str]] = {k: [] for k in LIST_KEYS}
         self.facts = Facts()
-        # Field emptiness, drawn to match the chapter's test set (SPEC §5).
+        # Field emptiness, drawn to match the chapter's test set.
         self.want_drug = rng.random() < 0.80
         self.want_cat = rng.random() < (0.86 if self.want_drug else 0.33)
         self.want_exam = rng.random() < 0.755

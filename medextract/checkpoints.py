@@ -28,7 +28,7 @@ import torch.distributed as dist
 from utils import apply_usual_permissions, atomic_write_text, log_rank_0, print_rank_0
 
 from .errors import ConfigError, InputError
-from .model_files import read_json_object, safetensors_header, weight_shards
+from .model_files import has_random_weights, read_json_object, safetensors_header, weight_shards
 
 if TYPE_CHECKING:
     from .training import StepPlan
@@ -86,6 +86,8 @@ def save_checkpoint(engine, tokenizer, output_dir: str, name: str, state: TrainS
     atomic_write_text(rank_state_path(tmp, rank), json.dumps({**get_rng_state(), "loss_window": loss_window.tolist()}))
     if rank == 0:
         engine.module.save_pretrained(tmp, safe_serialization=True)
+        # ours in place of PEFT's empty template ("Model Card for Model ID")
+        atomic_write_text(os.path.join(tmp, "README.md"), model_card(final, run_info, state, adapter_targets(tmp)))
         tokenizer.save_pretrained(tmp)
         atomic_write_text(os.path.join(tmp, "train_args.json"), to_json(run_info))
         atomic_write_text(os.path.join(tmp, "trainer_state.json"),
@@ -100,6 +102,84 @@ def save_checkpoint(engine, tokenizer, output_dir: str, name: str, state: TrainS
         os.replace(tmp, final)
         log_rank_0(f"saved {final}", rank)
     dist.barrier()
+
+
+def adapter_targets(checkpoint: str) -> list[str]:
+    """The layer names the adapter in `checkpoint` wraps (adapter_config.json's target_modules)."""
+    with open(os.path.join(checkpoint, "adapter_config.json"), encoding="utf-8") as f:
+        targets = json.load(f).get("target_modules") or []
+    return sorted(targets) if isinstance(targets, list) else [str(targets)]
+
+
+def model_card(path: str, run_info: dict, state: TrainState, targets: list[str]) -> str:
+    """README.md of the checkpoint at `path`: what it is, how it was trained (from train_args.json), its test metrics
+    when this step was evaluated, and how to merge and use it."""
+    args = run_info["args"]
+    base = args["model_name_or_path"]
+    step, total = state.global_step, run_info["total_optimizer_steps"]
+    ppl = next((row[1] for row in state.history.get("eval", []) if row[0] == step), None)
+    f1 = next((row[1:] for row in state.history.get("f1", []) if row[0] == step), None)
+    metrics = []
+    if ppl is not None:
+        metrics.append(f"- test perplexity (token-weighted): {ppl:.4f}")
+    if f1 is not None:
+        metrics.append(f"- extraction F1 on the test set: macro {f1[0]:.4f} over the 8 fields, list micro {f1[1]:.4f} "
+                       f"(answers and per-field report: eval_predictions.jsonl, eval_report.json)")
+    if not metrics:
+        metrics.append("- not evaluated (train.py ran without a test file)")
+    if has_random_weights(base):
+        metrics.append("- the base has random weights (qwen1_8.make_tiny): these figures show the pipeline, not "
+                       "extraction quality")
+    best = state.best or {}
+    if best.get("step") == step:
+        metrics.append("- the best checkpoint of the run so far (best_checkpoint.json)")
+    ranks = run_info["world_size"]
+    rows = [("base model", f"`{base}` (train.py's --model_name_or_path, as given)"),
+            ("epochs", f"{args['num_train_epochs']} (this is epoch {state.epoch}, optimizer step {step} of {total})"),
+            ("learning rate", f"{args['learning_rate']:g} peak, linear warmup over {run_info['warmup_steps']} steps "
+                              f"then linear decay to 0; weight decay {args['weight_decay']:g}"),
+            ("batch", f"{args['per_device_train_batch_size']} per rank × {args['gradient_accumulation_steps']} "
+                      f"accumulation × {ranks} rank(s)"),
+            ("LoRA", f"r {args['lora_dim']}, alpha {args['lora_alpha']}, dropout {args['lora_dropout']:g}, on "
+                     f"{', '.join(targets)}"),
+            ("quantization", "4-bit NF4 base with double quantisation (QLoRA)" if run_info["quantization"] == "nf4"
+             else "none (plain LoRA on the unquantized base)"),
+            ("precision", f"{run_info['precision']} on {run_info['device']}"),
+            ("world size", str(ranks)),
+            ("data", f"{run_info['train_samples']} training samples ({args['train_path']}), "
+                     f"{run_info['test_samples']} test samples, --max_len {args['max_len']}, --max_src_len "
+                     f"{args['max_src_len']}, seed {args['seed']}")]
+    run_dir = os.path.dirname(path)
+    return "\n".join([
+        f"# LoRA adapter {os.path.basename(path)}",
+        "",
+        "A LoRA adapter written by this project's train.py (QLoRA fine-tuning of Qwen-1.8B-Chat to extract the eight "
+        "medical elements of a Chinese doctor–patient dialogue as JSON, chapter 7 of 《大型语言模型实战指南》), for "
+        f"the base model `{base}`. It is not a model by itself: merge it into that base, or let predict.py put it on "
+        "the base unmerged.",
+        "",
+        "## How it was trained",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in rows),
+        "",
+        "All resolved settings are in train_args.json; trainer_state.json and deepspeed/ let "
+        "`--resume_from_checkpoint` continue the run exactly.",
+        "",
+        "## At this checkpoint",
+        "",
+        *metrics,
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"python merge_params.py --ori_model_dir {base} --model_dir {path} --save_model_dir {run_dir}/merged",
+        f"python predict.py --model_path {run_dir}/merged",
+        f"python predict.py --model_path {path}   # unmerged, from the directory train.py ran in",
+        "```",
+        "",
+    ])
 
 
 def rank_state_path(checkpoint: str, rank: int) -> str:

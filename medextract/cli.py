@@ -19,21 +19,36 @@ from .errors import ConfigError, MedextractError, OutputError
 from .grammar import CONSTRAINTS
 from .inference import (DEFAULT_MODEL_PATH, Interrupted, Truncation, answer_dialogue, check_generation, dtype_note,
                         predict_file, prepare_engine, resolve_dtype, trained_truncation)
+from .model_files import RANDOM_WEIGHTS_NOTE, has_random_weights
 from .qlora import QLoRASettings
 from .terminal import interactive
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH) -> None:
+MODEL_PATH_HELP = ("checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a train.py "
+                   "checkpoint also works, its adapter put unmerged on the base it names")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH,
+                        model_path_help: str = MODEL_PATH_HELP) -> None:
     """--model_path, --device, --dtype."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model_path", type=str, default=model_path,
-                       help="checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a "
-                            "train.py checkpoint also works, its adapter put unmerged on the base it names")
+    model.add_argument("--model_path", type=str, default=model_path, help=model_path_help)
     model.add_argument("--device", type=str, default="auto",
                        help="'auto' (a GPU if one is visible, else the CPU), 'cpu', 'cuda', 'cuda:N' or a bare GPU index")
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
                        help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
                             "bf16 on a CPU that computes it natively (AVX512-BF16, AMX), else fp32")
+
+
+class StoreSamplingFlag(argparse.Action):
+    """Stores the value like `store`, and notes the flag in `args.sampling_flags_given`: a flag the command line
+    gives, even at its default value, is told apart from one left out (the chapter's command gives --top_p 0.8
+    --temperature 0.8, the defaults, and expects them to sample)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "sampling_flags_given", ())
+        setattr(namespace, "sampling_flags_given", (*given, self.dest) if self.dest not in given else given)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool = True,
@@ -50,8 +65,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool =
                               "text (for labels that are not verbatim); none: free generation, the chapter's way")
     gen.add_argument("--do_sample", action="store_true",
                      help="sample with --top_p/--temperature instead of greedy decoding (greedy is reproducible)")
-    gen.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (only with --do_sample)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (only with --do_sample)")
+    gen.add_argument("--top_p", type=float, default=0.8, action=StoreSamplingFlag,
+                     help="nucleus sampling mass (only with --do_sample)")
+    gen.add_argument("--temperature", type=float, default=0.8, action=StoreSamplingFlag,
+                     help="sampling temperature (only with --do_sample)")
     gen.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty,
                      help="penalty on tokens already in the prompt or answer; 1.0 turns it off")
     gen.add_argument("--seed", type=int, default=42, help="random seed (matters only with --do_sample)")
@@ -77,13 +94,25 @@ def add_batch_arguments(parser: argparse.ArgumentParser, output_file: str) -> No
                     help="answers generated together (longest prompts first; a row whose answer ends takes the next)")
 
 
-def extraction_parser(description: str, model_path: str, output_file: str) -> argparse.ArgumentParser:
+def extraction_parser(description: str, model_path: str, output_file: str,
+                      model_path_help: str = MODEL_PATH_HELP) -> argparse.ArgumentParser:
     """predict.py's and test_qwen.py's flags: the model, generation and batch groups."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_arguments(parser, model_path)
+    add_model_arguments(parser, model_path, model_path_help)
     add_generation_arguments(parser)
     add_batch_arguments(parser, output_file)
     return parser
+
+
+def greedy_note(args: argparse.Namespace) -> str | None:
+    """One line for a command that gives the chapter's sampling flags without --do_sample, which a reader of the
+    book expects to sample: here they wait for --do_sample."""
+    given = getattr(args, "sampling_flags_given", ())
+    if not given or args.do_sample:
+        return None
+    flags = " and ".join(f"--{name}" for name in given)
+    return (f"note: decoding is greedy; {flags} {'take' if len(given) > 1 else 'takes'} effect only with "
+            f"--do_sample, which samples as the book did")
 
 
 def add_lora_args(group) -> None:
@@ -119,7 +148,10 @@ def check_generation_args(args: argparse.Namespace, constraint: str) -> None:
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
-    """predict.py's and test_qwen.py's flags."""
+    """predict.py's and test_qwen.py's flags (a note where sampling flags come without --do_sample)."""
+    note = greedy_note(args)
+    if note:
+        print(note, flush=True)
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_generation_args(args, args.constraint)
@@ -145,6 +177,8 @@ def run_extraction(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     decoding, truncation = decoding_of(args), truncation_of(args)
     print(dtype_note(args.dtype, device), flush=True)
+    if has_random_weights(args.model_path):  # before the first answer, batch or interactive
+        print(RANDOM_WEIGHTS_NOTE, flush=True)
     try:
         return extract_as_asked(args, device, decoding, truncation)
     except KeyboardInterrupt:  # while the model loads, say (predict_file says what it kept itself)

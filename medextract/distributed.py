@@ -4,6 +4,7 @@ CPU path and a multi-machine output_dir need. Errors are the typed ones of medex
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import time
@@ -35,10 +36,39 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
+    if device.type == "cpu" and os.environ["RANK"] == "0" and not cpu_comm_module_built():
+        print("DeepSpeed compiles its CPU communication module on first use (about a minute); it is cached afterwards",
+              flush=True)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     if device.type == "cpu":
         unlink_cpu_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory allreduce for CPU ranks, a C++ extension
+
+
+def cpu_comm_module_built() -> bool:
+    """Whether DeepSpeed's CPU communication module is ready to load: installed prebuilt, compiled by an earlier run
+    into torch's extension cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python>_<accelerator>/), or
+    not used on this machine. Otherwise the process group's creation compiles it first, silently, for about a
+    minute."""
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(SHM_COMM_OP) or not deepspeed.ops.__compatible_ops__.get(SHM_COMM_OP, False):
+        return True
+    return cpu_comm_module_cached()
+
+
+def cpu_comm_module_cached() -> bool:
+    """Whether an earlier run compiled DeepSpeed's CPU communication module into torch's extension cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    library = f"{SHM_COMM_OP}.so"
+    return any(os.path.isfile(os.path.join(folder, SHM_COMM_OP, library))
+               for folder in (root, *glob.glob(os.path.join(glob.escape(root), "*"))))
 
 
 def unlink_cpu_allreduce_buffer() -> None:

@@ -177,3 +177,26 @@ def check_adapter_files(checkpoint: str, base_shapes: dict[str, list[int]] | Non
             raise ValueError(f"{weights_path}: adapts {layer} as a {b[0]} x {a[1]} layer, but the base model's is "
                              f"{' x '.join(map(str, weight))}: an adapter trained on a base of another shape")
     return config
+
+
+# config.json key that qwen1_8.make_tiny sets; QWenConfig keeps it, so merge_params.py and export_qwen2.py carry it
+RANDOM_WEIGHTS_KEY = "random_weights"
+# What every place that shows a random model's answers says, once (predict.py, test_qwen.py; the service's page)
+RANDOM_WEIGHTS_NOTE = ("note: this model has random weights (made by qwen1_8.make_tiny): its answers show the "
+                       "pipeline, not extraction quality")
+
+
+def has_random_weights(model_dir: str) -> bool:
+    """Whether `model_dir` holds a model made by qwen1_8.make_tiny, or one merged or exported from it (config.json
+    says "random_weights": true), or is a train.py checkpoint whose base is such a model (its adapter_config.json
+    names the base). A directory whose files cannot be read counts as not: the checks that load it say why."""
+    config = os.path.join(model_dir, "config.json")
+    try:
+        if not os.path.isfile(config):
+            base = read_json_object(os.path.join(model_dir, "adapter_config.json")).get("base_model_name_or_path")
+            if not isinstance(base, str):
+                return False
+            config = os.path.join(base, "config.json")
+        return read_json_object(config).get(RANDOM_WEIGHTS_KEY) is True
+    except ValueError:
+        return False

@@ -1,4 +1,4 @@
-"""QWenConfig: the configuration of Qwen-1.8B-Chat. Defaults are the 1.8B values (../shared/SPEC.md §2.1), so a
+"""QWenConfig: the configuration of Qwen-1.8B-Chat. Defaults are the published 1.8B values, so a
 config.json that omits a field (`seq_length`, say) still gives the real model; a published config.json loads unchanged.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ class QWenConfig(PretrainedConfig):
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
     onnx_safe: bool | None = None
+    # Set by make_tiny, so every script that shows a random model's answers can say so (medextract.model_files)
+    random_weights: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

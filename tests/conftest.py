@@ -20,7 +20,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def reference_dir():
     if not os.path.isdir(REFERENCE):
-        pytest.skip("../shared/reference is absent")
+        pytest.skip("the chapter's published files (its training log and test set, in a reference folder beside the "
+                    "checkout, not shipped) are absent")
     return REFERENCE
 
 

@@ -1,4 +1,4 @@
-"""The chapter's token layout (SPEC §1.2), reproduced bit for bit, with its truncation off-by-one fixed."""
+"""The chapter's token layout, reproduced bit for bit, with its truncation off-by-one fixed."""
 import json
 import os
 
@@ -55,7 +55,7 @@ def test_first_log_sample_worked_example(tokenizer, reference_dir):
 
 
 def test_book_test_token_figures(tmp_path, tokenizer, reference_dir):
-    """SPEC §5: the chapter's 50 test samples at 2048/1560 — none skipped, 593–1,259 tokens, 85–190 labelled."""
+    """The chapter's 50 test samples at 2048/1560 — none skipped, 593–1,259 tokens, 85–190 labelled."""
     dataset = QwenPromptDataSet(os.path.join(reference_dir, "book_test.json"), tokenizer, 2048, 1560, is_skip=True)
     assert len(dataset) == 50 and dataset.skipped == 0
     lengths = [len(item["input_ids"]) for item in dataset]
@@ -79,7 +79,7 @@ def test_prompt_truncation_keeps_head(tokenizer):
 
 
 def test_turn_truncation_keeps_the_leading_whole_turns_that_fit(tokenizer, tmp_path):
-    """truncation="turns" (SPEC U3): the user block ends at a line boundary, with as many leading lines as fit; a
+    """truncation="turns": the user block ends at a line boundary, with as many leading lines as fit; a
     dialogue that fits, and the answer's labels, are as with the chapter's cut."""
     turns = [f"患者: 第{i}天，一直咳嗽，晚上更厉害" if i % 2 else f"医生: 第{i}个问题，还有别的症状吗？" for i in range(60)]
     user_text = INSTRUCTION + "\n".join(turns) + "\n"
@@ -117,7 +117,7 @@ def test_turn_truncation_keeps_the_leading_whole_turns_that_fit(tokenizer, tmp_p
 
 
 def test_output_truncation_is_exactly_max_len(tokenizer):
-    """The chapter's cut samples were max_len + 1 tokens and crashed its assert (SPEC U1)."""
+    """The chapter's cut samples were max_len + 1 tokens and crashed its assert."""
     long_output = format_output({"药品名称": [], "药物类别": [], "医疗检查": [], "医疗操作": [],
                                  "现病史": "反复咳嗽" * 200, "辅助检查": "", "诊断结果": "支气管炎", "医疗建议": "复查"})
     ids = build_chatml_ids(tokenizer, INSTRUCTION + "医生: 你好\n", long_output, max_len=400, max_src_len=300)

@@ -108,7 +108,9 @@ def test_export_files_dtype_and_permissions(trained):
     merged, export = trained
     files = set(os.listdir(export))
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "train_args.json",
-            "export_info.json", "model.safetensors.index.json"} <= files
+            "export_info.json", "model.safetensors.index.json", "instruction.txt"} <= files
+    with open(os.path.join(export, "instruction.txt"), encoding="utf-8") as f:
+        assert f.read() == INSTRUCTION  # what a client with no project code puts before the dialogue
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     assert len(shards) >= 2 and not [f for f in files if f.endswith((".py", ".bin", ".tiktoken"))]
     for shard in shards:
@@ -128,6 +130,7 @@ def test_export_files_dtype_and_permissions(trained):
     assert not config["tie_word_embeddings"] and not config["use_sliding_window"] and config["sliding_window"] is None
     assert config["dtype"] == config["torch_dtype"] == "bfloat16" and config["rope_theta"] == 10000.0
     assert "auto_map" not in config
+    assert config["random_weights"] is True  # make_tiny's mark, through train, merge and export
     with open(os.path.join(export, "tokenizer_config.json"), encoding="utf-8") as f:
         tok_config = json.load(f)
     assert "You are a helpful assistant." in tok_config["chat_template"]

@@ -1,4 +1,4 @@
-"""data/make_dialogues.py: byte-reproducible, and every record has the shape of the chapter's data (SPEC §5)."""
+"""data/make_dialogues.py: byte-reproducible, and every record has the shape of the chapter's data."""
 import json
 import os
 import random

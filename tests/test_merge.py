@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import merge_params
+from medextract.model_files import has_random_weights
 from medextract.qlora import lora_target_names
 
 
@@ -47,6 +48,12 @@ def test_merged_model_matches_base_plus_adapter(tiny_ckpt, adapter_dir, tmp_path
             "model.safetensors.index.json"} <= files
     assert sum(f.endswith(".safetensors") for f in files) >= 2  # sharded at 30MB
     assert not any(f.startswith("adapter_") for f in files)
+    assert "README.md" not in files  # not PEFT's empty model card: the merge is no adapter
+    with open(os.path.join(merged_dir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["random_weights"] is True  # make_tiny's mark, kept through the merge
+    assert has_random_weights(merged_dir)
+    assert has_random_weights(adapter_dir)  # a checkpoint: the base its adapter_config.json names
+    assert not has_random_weights(str(tmp_path))  # no model there: not said to be random
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     with open(os.path.join(merged_dir, "merge_info.json"), encoding="utf-8") as f:
         assert json.load(f)["dtype"] == "float32"  # the base's config dtype

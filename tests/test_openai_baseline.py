@@ -189,7 +189,7 @@ def test_normal_batch(server, api_key, tmp_path, capfd):
                                              {"role": "user", "content": "请抽取要素：\n" + dialogue("AAAA")}]
     assert by_marker["CCCC"]["messages"][1]["content"] == INSTRUCTION + dialogue("CCCC")
     body = by_marker["BBBB"]
-    assert body["model"] == "test-model" and body["temperature"] == 0.0 and body["max_tokens"] == 1024
+    assert body["model"] == "test-model" and body["temperature"] == 0.0 and body["max_tokens"] == 512
     assert "response_format" not in body
     # the key came from the environment and went only into the Authorization header
     assert server.auth == [f"Bearer {SECRET}"] * 3
@@ -243,7 +243,7 @@ def test_failures_are_reported_left_out_and_retried_on_rerun(server, api_key, tm
 
 def test_resume_requests_only_missing_ids(server, api_key, tmp_path, capfd):
     write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC", "DDDD"])
-    settings = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 1024, "json_mode": False}
+    settings = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 512, "json_mode": False}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(settings), encoding="utf-8")  # a killed run's
     with open(tmp_path / "out.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": 0, "output": "{}", "model": "m"}) + "\n")
@@ -295,7 +295,7 @@ def test_a_results_file_of_another_input_or_program_is_refused(server, api_key, 
 def test_a_settings_file_from_before_the_endpoint_was_recorded_still_resumes(server, api_key, tmp_path):
     write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB"])
     (tmp_path / "out.jsonl").write_text(json.dumps({"id": 0, "output": "{}", "model": "m"}) + "\n", encoding="utf-8")
-    old = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 1024, "json_mode": False}
+    old = {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 512, "json_mode": False}
     (tmp_path / "out.jsonl.settings.json").write_text(json.dumps(old), encoding="utf-8")
     assert run(server, tmp_path) == 0 and server.seen == {"BBBB": 1}
     saved = json.loads((tmp_path / "out.jsonl.settings.json").read_text(encoding="utf-8"))
@@ -375,7 +375,7 @@ def test_flags_are_validated(api_key, tmp_path):
             baseline.parse_args(argv)
     args = baseline.parse_args([])
     assert (args.model, args.concurrency, args.timeout, args.max_retries, args.temperature, args.max_tokens,
-            args.output_file) == ("gpt-4o-mini", 4, 60.0, 5, 0.0, 1024, "predictions_openai.jsonl")
+            args.output_file) == ("gpt-4o-mini", 4, 60.0, 5, 0.0, 512, "predictions_openai.jsonl")
     assert isinstance(openai.OpenAI, type)
 
 

@@ -15,6 +15,7 @@ import predict
 from medextract import inference, terminal
 from medextract.errors import AnswersFailed
 from medextract.inference import Truncation
+from medextract.model_files import RANDOM_WEIGHTS_NOTE
 from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, build_chatml_ids, cpu_computes_bf16, fail, input_digest,
                    parse_output)
 
@@ -268,6 +269,21 @@ def test_bad_inputs_stop_before_the_model_loads(case, tmp_path, monkeypatch):
     assert message.startswith("predict.py: error: ") and expected in message
 
 
+def test_the_chapters_sampling_flags_without_do_sample_get_one_note(tiny_ckpt, capsys):
+    """Given explicitly, even at their default values, and only without --do_sample; test_qwen.py alike."""
+    import test_qwen
+
+    for script, argv, note in ((predict, ["--top_p", "0.8"], "--top_p takes effect only with --do_sample"),
+                               (test_qwen, ["--temperature", "0.5", "--top_p", "0.9"],
+                                "--temperature and --top_p take effect only with --do_sample"),  # as given
+                               (predict, ["--top_p", "0.8", "--do_sample"], None), (test_qwen, [], None)):
+        args = script.parse_args(["--model_path", tiny_ckpt, *argv])
+        out = capsys.readouterr().out
+        notes = [line for line in out.splitlines() if "decoding is greedy" in line]
+        assert notes == ([f"note: decoding is greedy; {note}, which samples as the book did"] if note else []), out
+        assert (args.top_p, args.temperature) == ((0.9, 0.5) if script is test_qwen and argv else (0.8, 0.8))
+
+
 def test_do_sample_is_a_switch(tiny_ckpt):
     """The chapter's `--do_sample False` (type=bool) meant True; here the flag takes no value, so that spelling is an
     error instead of silent sampling."""
@@ -332,15 +348,18 @@ def test_model_path_and_sampling_flags_are_checked_before_loading(tiny_ckpt, tmp
     assert inference.resolve_dtype(args.dtype, torch.device("cpu")) == torch.float32
 
 
-def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path):
-    """test_qwen.py writes the same records as predict.py, from the same prompts (greedy, so the same answers)."""
+def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path, capsys):
+    """test_qwen.py writes the same records as predict.py, from the same prompts (greedy, so the same answers); each
+    says once, at the start, that the make_tiny model has random weights."""
     import test_qwen
 
     inputs = tmp_path / "test.json"
     write_lines(inputs, [{"input": d} for d in DIALOGUES[:2]])
     common = ["--model_path", tiny_ckpt, "--device", "cpu", "--input_file", str(inputs), "--max_tgt_len", "64"]
-    assert test_qwen.main(common + ["--output_file", str(tmp_path / "base.jsonl")]) == 0
-    assert predict.main(common + ["--output_file", str(tmp_path / "tuned.jsonl")]) == 0
+    for script, output in ((test_qwen, "base.jsonl"), (predict, "tuned.jsonl")):
+        assert script.main(common + ["--output_file", str(tmp_path / output)]) == 0
+        out = capsys.readouterr().out
+        assert out.count(RANDOM_WEIGHTS_NOTE) == 1 and out.index(RANDOM_WEIGHTS_NOTE) < out.index("records"), out
     base, tuned = read_lines(tmp_path / "base.jsonl"), read_lines(tmp_path / "tuned.jsonl")
     assert sorted(r["id"] for r in base) == [0, 1]
     assert sorted(base, key=lambda r: r["id"]) == sorted(tuned, key=lambda r: r["id"])
@@ -396,13 +415,18 @@ def read_until(fd, marker, timeout=120.0):
 
 
 def test_interactive_session_in_a_terminal(tiny_ckpt):
+    """Before the first answer the session says, once each, that the chapter's sampling flags without --do_sample
+    leave decoding greedy and that the make_tiny model has random weights."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--model_path", tiny_ckpt,
-                             "--device", "cpu", "--max_tgt_len", "64"],
+                             "--device", "cpu", "--max_tgt_len", "64", "--top_p", "0.8", "--temperature", "0.8"],
                             stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
     os.close(slave)
     try:
-        read_until(master, "> ")
+        before = read_until(master, "> ")
+        notes = [line.strip() for line in before.splitlines() if line.startswith("note: ")]
+        assert notes == ["note: decoding is greedy; --top_p and --temperature take effect only with --do_sample, "
+                         "which samples as the book did", RANDOM_WEIGHTS_NOTE], before
         os.write(master, "\n".join(["医生: 你好，哪里不舒服？", "患者: 头痛两天了。", "医生: 量过血压吗？", "", ""]).encode())
         read_until(master, "Extracting")
         answer = read_until(master, "> ")  # the next prompt comes after the answer

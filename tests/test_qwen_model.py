@@ -1,5 +1,5 @@
-"""qwen1_8 model: checkpoint names and shapes, math against a float64 reference written from SPEC §2.3, KV cache,
-left-padded batches, stopping, gradient checkpointing, 4-bit NF4 + LoRA on CPU, chat()."""
+"""qwen1_8 model: checkpoint names and shapes, math against a float64 reference written from the published math,
+KV cache, left-padded batches, stopping, gradient checkpointing, 4-bit NF4 + LoRA on CPU, chat()."""
 import json
 import math
 import os
@@ -96,7 +96,7 @@ def test_init_follows_spec():
 
 
 def reference_logits(sd, cfg, ids, eval_mode=True):
-    """A slow, literal float64 transcription of SPEC §2.3 for one unpadded sequence, no cache."""
+    """A slow, literal float64 transcription of the published math for one unpadded sequence, no cache."""
     sd = {k: v.double() for k, v in sd.items()}
     H, D, T = cfg.num_attention_heads, cfg.kv_channels, len(ids)
 
@@ -188,7 +188,7 @@ def test_loss_is_shifted_token_mean(model):
 
 
 def test_padding_mask_keeps_causality(model):
-    """The chapter's model lost the causal mask whenever an attention_mask was passed (SPEC Q1)."""
+    """The chapter's model lost the causal mask whenever an attention_mask was passed."""
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [15, 16, 17, 18, 19, 20]])
     with torch.no_grad():
         plain = model(ids).logits
@@ -288,7 +288,7 @@ def test_stop_words_processor_forces_eos():
 
 
 def test_generate_and_chat_take_stop_words_ids(model, tokenizer):
-    """Qwen's generate() and chat() API (SPEC 2.4): after a stop sequence in the output, eos is forced next step."""
+    """Qwen's generate() and chat() API: after a stop sequence in the output, eos is forced next step."""
     ids = tokenizer.encode("hello")
     free = greedy(model, ids, 6).tolist()
     eos = tokenizer.eod_id
@@ -306,7 +306,7 @@ def test_generate_and_chat_take_stop_words_ids(model, tokenizer):
     stops = {tokenizer.im_end_id, tokenizer.im_start_id, eos}
     assert not stops & set(chat_free[:3])  # so it is the stop words that end the answer below
     response, _ = model.chat(tokenizer, "你好", None, "You are a helpful assistant.", [chat_free[:2]],
-                             max_new_tokens=4, do_sample=False)  # SPEC's positional order: system, stop_words_ids
+                             max_new_tokens=4, do_sample=False)  # Qwen's positional order: system, stop_words_ids
     assert response == tokenizer.decode(chat_free[:2]).strip()
 
 

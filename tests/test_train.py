@@ -252,6 +252,38 @@ def test_a_resume_on_other_data_another_base_or_tokenizer_is_refused(single_run,
     assert "records no fingerprints of its data and base model" in capsys.readouterr().out
 
 
+def test_checkpoints_carry_our_model_card(single_run, tiny_ckpt):
+    """README.md is ours, not PEFT's empty template: the base, the training settings, this step's metrics, how to
+    merge and predict; and the log says once that the base has random weights."""
+    out, log = single_run
+    with open(os.path.join(out, "epoch-2-step-4", "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert "Model Card for Model ID" not in card and card.startswith("# LoRA adapter epoch-2-step-4\n")
+    assert f"the base model `{tiny_ckpt}`" in card
+    ppl = dict(read_json(os.path.join(out, "epoch-2-step-4", "trainer_state.json"))["history"]["eval"])[4]
+    assert f"- test perplexity (token-weighted): {ppl:.4f}" in card
+    for row in ("| epochs | 2 (this is epoch 2, optimizer step 4 of 4) |", "| quantization | 4-bit NF4",
+                "| precision | fp32 on cpu |", "| world size | 1 |", "| LoRA | r 8, alpha 16, dropout 0.1, on c_attn",
+                "| learning rate | 0.02 peak", "| batch | 2 per rank × 4 accumulation × 1 rank(s) |"):
+        assert row in card, row
+    assert "the base has random weights (qwen1_8.make_tiny)" in card
+    assert f"python merge_params.py --ori_model_dir {tiny_ckpt} --model_dir {out}/epoch-2-step-4 " in card
+    assert "F1" not in card.split("## At this checkpoint")[1].split("## Use")[0]  # --select_by ppl: no F1 measured
+    assert log.count("note: the base model has random weights (make_tiny): perplexity near the vocabulary size "
+                     "(~150,000) and F1 near 0 are expected") == 1
+
+
+def test_the_first_cpu_compile_is_announced_only_until_it_is_cached(tmp_path, monkeypatch):
+    """DeepSpeed compiles its CPU communication module silently for about a minute on first use; train.py says so
+    beforehand unless the module is in torch's extension cache."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not distributed.cpu_comm_module_cached()
+    built = tmp_path / "py311_cpu" / distributed.SHM_COMM_OP
+    built.mkdir(parents=True)
+    (built / f"{distributed.SHM_COMM_OP}.so").write_bytes(b"")
+    assert distributed.cpu_comm_module_cached()
+
+
 def test_checkpoints_get_the_users_usual_permissions(single_run):
     """Not the 0600 adapter safetensors writes: every file and folder of a checkpoint as the umask gives them."""
     from utils import current_umask

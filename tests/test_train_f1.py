@@ -69,6 +69,8 @@ def check_run(out: str, data: str, tmp_path) -> list[dict]:
     for ckpt in saved:  # both metrics of every evaluation: the report's macro F1, and a perplexity
         step = int(CHECKPOINT_NAME.match(os.path.basename(ckpt)).group(2))
         assert f1s[step] == read(os.path.join(ckpt, "eval_report.json"))["overall"]["f1"]
+        with open(os.path.join(ckpt, "README.md"), encoding="utf-8") as f:  # its model card says so too
+            assert f"- extraction F1 on the test set: macro {f1s[step]:.4f} over the 8 fields" in f.read()
     assert all(e["ppl"] > 1 for e in evaluations)
     top = max(f1s.values())
     first_top = min(step for step, f1 in f1s.items() if f1 == top)  # ties go to the earliest
