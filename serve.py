@@ -1,7 +1,7 @@
 """Serve the fine-tuned (merged) model over HTTP: OpenAI's chat-completions API, an extraction endpoint and a page.
 
     python serve.py --model_path output_dir_qlora/merged              # http://127.0.0.1:8000
-    OPENAI_API_KEY=... python serve.py --model_path output_dir_qlora/merged --api_key_env OPENAI_API_KEY
+    SERVE_API_KEY=... python serve.py --model_path output_dir_qlora/merged --api_key_env SERVE_API_KEY
 
 The model is loaded once; service.py has the endpoints:
 
@@ -35,6 +35,7 @@ from medextract.errors import ConfigError, MedextractError
 from medextract.grammar_pool import GrammarBounds
 from medextract.inference import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, Interrupted, check_model_dir_files, dtype_note,
                                   load_engine)
+from medextract.model_files import RANDOM_WEIGHTS_NOTE, has_random_weights
 from utils import HelpFormatter, fail, resolve_device, set_random_seed, silence_library_deprecations
 
 PROG = "serve.py"
@@ -49,15 +50,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_arguments(parser, DEFAULT_MODEL_PATH)
     add_generation_arguments(parser, constraint=False,
-                             max_tgt_len_help="most new tokens per answer: the default max_tokens of a request, and "
-                                              "with --max_src_len what the cache holds per request")
+                             max_tgt_len_help="most new tokens per answer: a request's max_tokens when it gives none, "
+                                              "and the largest it may ask; with --max_src_len what the cache holds "
+                                              "per request")
     server = parser.add_argument_group("server")
     server.add_argument("--host", type=str, default="127.0.0.1",
                         help="address to listen on; 127.0.0.1 keeps it to this machine (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     server.add_argument("--api_key_env", type=str, default=None,
                         help="name of an environment variable holding the API key every /v1 request must send as "
-                             "'Authorization: Bearer <key>' (the key itself is never a flag, never logged)")
+                             "'Authorization: Bearer <key>' (the key itself is never a flag, never logged); without "
+                             "it no key is asked")
     server.add_argument("--max_batch_size", type=int, default=8, help="answers generated together at most")
     server.add_argument("--served_model_name", type=str, default=None,
                         help="the model's name in the API (default: the --model_path directory's name)")
@@ -148,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                max_body_bytes=args.max_body_bytes, api_key=api_key,
                                grammar=GrammarBounds(workers=args.grammar_workers, timeout=args.grammar_timeout,
                                                      max_bytes=args.max_grammar_bytes,
-                                                     memory_mb=args.grammar_memory_mb))
+                                                     memory_mb=args.grammar_memory_mb),
+                               random_weights=has_random_weights(args.model_path))
+    if settings.random_weights:
+        print(RANDOM_WEIGHTS_NOTE, flush=True)
     print(f"serving {settings.served_model_name} on http://{args.host}:{args.port} | {device} | batch "
           f"{args.max_batch_size} | {settings.capacity} tokens per request"
           + (f" | API key from ${args.api_key_env}" if api_key else " | no API key")

@@ -231,6 +231,7 @@ class ExtractResponse(BaseModel):
     output: str
     finish_reason: FinishReason
     usage: Usage
+    random_weights: bool = False  # the model was made by qwen1_8.make_tiny: its answers are noise
 
 
 class ModelCard(BaseModel):
@@ -248,6 +249,7 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
+    random_weights: bool = False  # the model was made by qwen1_8.make_tiny: its answers are noise
     batches: int  # engine batches started
     requests: int  # requests admitted to the engine
     cancelled: int

@@ -84,6 +84,7 @@ class ServiceSettings:
     max_body_bytes: int = 1_000_000
     api_key: str | None = None  # None: no key asked for
     grammar: GrammarBounds = GrammarBounds()  # what a grammar may cost
+    random_weights: bool = False  # a make_tiny model: /health, /v1/extract and the page say its answers are noise
 
 
 class APIError(Exception):
@@ -494,7 +495,8 @@ READ = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no bod
 
 @router.api_route("/health", methods=READ)
 async def health(http: HTTPRequest, settings: SettingsDep, worker: WorkerDep, grammars: GrammarsDep) -> Health:
-    return Health(model=settings.served_model_name, **worker.status(), preparing=http.app.state.preparing,
+    return Health(model=settings.served_model_name, random_weights=settings.random_weights, **worker.status(),
+                  preparing=http.app.state.preparing,
                   **grammars.status())
 
 
@@ -528,7 +530,7 @@ async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep
     fields, valid = parse_output(result.text)
     return ExtractResponse(fields=grounded_fields(fields, body.dialogue), valid=valid, truncated=result.truncated,
                            dialogue_cut=cut, output=result.text, finish_reason=finish_reason(result),
-                           usage=usage(result))
+                           usage=usage(result), random_weights=settings.random_weights)
 
 
 @v1.post("/chat/completions", response_model=ChatCompletion)  # or, with stream, server-sent chunks

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -48,12 +47,6 @@ PROJECT_MODULES = {"medextract", "qwen1_8", "utils", "predict", "train", "merge_
 OPTIONAL_VARIABLES = ("SERVE_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PYTHONPATH")
 
 # The Serve section is being rewritten on another branch; when its example runs, this marker fails (strict) and goes.
-SERVE_CLIENT_FIXES = pytest.mark.xfail(
-    strict=True, reason="README 'Serve' (another branch): the openai client example reads os.environ['SERVE_API_KEY'] "
-                        "(KeyError: the key is optional; os.environ.get('SERVE_API_KEY', 'none')) and never defines "
-                        "`dialogue`")
-
-
 def code_blocks(markdown: str, language: str) -> list[tuple[int, str]]:
     """(line number of the opening fence, text) of each fenced block in `language`."""
     blocks, current, opening, start = [], None, None, 0
@@ -121,8 +114,7 @@ CURL_EXAMPLES = collect("curl")
 
 
 def example_param(example: Example):
-    marks = [SERVE_CLIENT_FIXES] if "openai.OpenAI(" in example.code else []
-    return pytest.param(example, id="+".join(example.where), marks=marks)
+    return pytest.param(example, id="+".join(example.where))
 
 
 def test_both_readmes_hold_the_examples():

@@ -394,6 +394,7 @@ def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
                 assert shown == [item["text"] for item in expected[key]]
             else:
                 assert cell.text == expected[key].strip()
+        assert driver.find_element(By.ID, "random-note").is_displayed()  # make_tiny's model: its answers are noise
         view = driver.find_element(By.ID, "dialogue-view")
         assert view.get_property("textContent") == dialogue  # marks wrap spans; nothing added or lost
         marks = view.find_elements(By.TAG_NAME, "mark")
@@ -620,3 +621,11 @@ def test_extract_offsets_point_into_the_dialogue_as_sent_in_any_normal_form(serv
                     assert dialogue[item["start"]:item["end"]] == item["text"]
                     checked += 1
     assert checked > 0
+
+
+def test_a_random_model_says_so(server):
+    """The test server runs make_tiny's model: /health and /v1/extract say its weights are random, and serve.py said
+    so once at start (the page shows the line: test_the_page_extracts_and_highlights_in_a_real_browser)."""
+    assert health(server)["random_weights"] is True
+    assert extract(server, DIALOGUES[0])["random_weights"] is True
+    assert server.log.read_text(encoding="utf-8").count("this model has random weights") == 1
