@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 
 from medextract.model_files import LOAD_ERRORS, RANDOM_WEIGHTS_KEY, check_model_files, check_vocabulary
 from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, apply_usual_permissions,
-                   build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, silence_library_deprecations)
+                   build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, replace_dir,
+                   silence_library_deprecations)
 
 PROG = "export_qwen2.py"
 
@@ -559,26 +560,6 @@ def judge(report: dict, dtype: torch.dtype) -> None:
               f"of positions", flush=True)
     if problems:
         fail(PROG, "; ".join(problems) + "; nothing written")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Putting it in place
-# --------------------------------------------------------------------------------------------------------------
-
-
-def replace_dir(tmp: str, target: str) -> None:
-    """Rename tmp to target; an old target (validate() allowed it) is moved aside first and deleted only once the new
-    one is in place, or put back if that fails."""
-    aside = tmp + "-old"
-    if os.path.isdir(target):
-        os.replace(target, aside)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.isdir(aside) and not os.path.exists(target):
-            os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 if __name__ == "__main__":

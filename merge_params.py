@@ -34,7 +34,7 @@ import torch
 from medextract.checkpoints import CHECKPOINT_NAME
 from medextract.model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
 from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path, fail,
-                   load_tokenizer, one_line, resolve_device, silence_library_deprecations)
+                   load_tokenizer, one_line, replace_dir, resolve_device, silence_library_deprecations)
 
 PROG = "merge_params.py"
 
@@ -308,7 +308,6 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
-    aside = tmp + "-old"
     try:
         model.save_pretrained(tmp, max_shard_size=args.max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -320,15 +319,10 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
         with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
         apply_usual_permissions(tmp)
-        if os.path.isdir(target):  # validate() allowed this: it is empty, or --overwrite was given
-            os.replace(target, aside)  # the old one is deleted only once the new one is in place
-        os.replace(tmp, target)
+        replace_dir(tmp, target)  # validate() allowed an existing target: empty, or --overwrite was given
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.isdir(aside) and not os.path.exists(target):
-            os.replace(aside, target)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -426,6 +427,21 @@ def atomic_write_text(path: str, text: str) -> None:
         if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
+
+
+def replace_dir(tmp: str, target: str) -> None:
+    """Rename the finished folder `tmp` to `target`; an old `target` is moved aside first and deleted only once the
+    new one is in place, or put back if that fails."""
+    aside = tmp + "-old"
+    if os.path.isdir(target):
+        os.replace(target, aside)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.isdir(aside) and not os.path.exists(target):
+            os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def append_jsonl(path: str, records: Iterable[dict]) -> None:
