@@ -393,12 +393,16 @@ def test_ctrl_c_keeps_the_answers_in_flight_and_sends_nothing_more(server, api_k
     written, and a rerun asks for the rest only."""
     write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB", "CCCC", "DDDD"])
     server.delay = 1.0
+    # Ctrl-C raises KeyboardInterrupt, also where the suite was started with SIGINT ignored (in the background of a
+    # non-interactive shell, which Python then leaves ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert run(server, tmp_path, "--concurrency", "2") == 130
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "waiting for the 2 requests in flight" in err and "rerun the same command to resume" in err
     assert sorted(read_output(tmp_path / "out.jsonl")) == [0, 1] and len(server.bodies) == 2
@@ -412,7 +416,8 @@ def test_a_second_ctrl_c_leaves_at_once(server, tmp_path):
     server.delay = 30.0
     env = {**os.environ, "OPENAI_API_KEY": SECRET, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, os.path.join(ROOT, "test_openai.py"), *run_flags(server, tmp_path), "--timeout", "60"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal has it
     deadline = time.monotonic() + 60
     while len(server.bodies) < 2 and time.monotonic() < deadline:  # both requests out
         time.sleep(0.05)
