@@ -90,7 +90,7 @@ def check_offsets(results) -> int:
     return spans
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", ["nfd", "mixed"])  # (NFC text is every other test's)
 def test_every_offset_points_into_the_dialogue_as_sent(form, extractor):
     dialogues = [FORMS[form][k:] for k in range(0, 24, 8)]
     cut = extractor.extract(dialogues, max_new_tokens=96)
