@@ -310,6 +310,10 @@ CASES = {
     "evaluate report in a read-only folder": lambda d, s: Case(
         "evaluate.py", evaluate(s, "--report", read_only_dir(d) + "/r.json"), ["--report", "no permission"]),
     "evaluate report path empty": lambda d, s: Case("evaluate.py", evaluate(s, "--report", ""), ["--report"]),
+    "evaluate html page is a directory": lambda d, s: Case("evaluate.py", evaluate(s, "--html", str(d)),
+                                                            ["--html", "is a directory"]),
+    "evaluate html page is the report": lambda d, s: Case("evaluate.py", evaluate(
+        s, "--report", str(d / "r.json"), "--html", str(d / "r.json")), ["--report and --html name the same file"]),
     "evaluate prediction line nested 1000 deep": lambda d, s: Case(
         "evaluate.py", evaluate(s, "--report", str(d / "r.json"), pred=deep_line(d, "p.jsonl")),
         ["p.jsonl:1", "nested too deeply"]),
@@ -455,6 +459,12 @@ CASES = {
         s, d, model_dir=run_dir(d, '{"path": ')), ["best_checkpoint.json"]),
 
     # train.py: output_dir, model files, data, DeepSpeed JSON, and resumes on other inputs
+    "train eval_max_new_tokens too small for F1": lambda d, s: Case("train.py", train_flags(
+        s, d, eval_max_new_tokens=10), ["--eval_max_new_tokens must be at least 64"]),
+    "train eval_generation_batch_size zero": lambda d, s: Case("train.py", train_flags(
+        s, d, eval_generation_batch_size=0), ["--eval_generation_batch_size at least 1"]),
+    "train select_by unknown": lambda d, s: Case("train.py", train_flags(s, d, select_by="loss"),
+                                                 ["--select_by", "invalid choice"]),
     "train output_dir is a file": lambda d, s: Case("train.py", train_flags(s, d, output_dir=a_file(d)),
                                                     ["--output_dir", "is a file"]),
     "train output_dir under a file": lambda d, s: Case("train.py", train_flags(s, d, output_dir=a_file(d) + "/out"),
