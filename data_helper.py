@@ -7,6 +7,9 @@ Everything is validated before anything is written, and each file is written who
 
     python data_helper.py --all_path data/all.json --train_path data/train.json --test_path data/test.json \\
         --test_size 50 --seed 1234
+
+With `--schema my_schema.json` the records hold that schema's fields instead (each record's extract_text must have
+exactly its keys), and the samples carry its instruction; give train.py the same --schema.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ import random
 import re
 import reprlib
 
-from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, TOO_DEEP, HelpFormatter, atomic_write_text,
-                   check_output_path, format_output, parse_output)
+from medextract.cli import add_schema_argument
+from medextract.schema import CHAPTER_SCHEMA, Schema, load_schema
+from utils import TOO_DEEP, HelpFormatter, atomic_write_text, check_output_path, format_output, parse_output
 
 # Values quoted in error messages: a few levels and items of each, so that no value (a list nested 900 deep, a long
 # text) can make the message itself fail or run on for pages
@@ -37,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     split = parser.add_argument_group("split")
     split.add_argument("--test_size", type=int, default=50, help="number of records that go to the test file")
     split.add_argument("--seed", type=int, default=1234, help="seed of the shuffle; the same seed gives the same files")
+    add_schema_argument(parser.add_argument_group("fields"),
+                        help="a schema file naming the fields each record's extract_text holds (JSON: {\"fields\": "
+                             "[{\"name\", \"kind\": \"spans\" or \"text\"}, …], \"instruction\"}); default: "
+                             "the chapter's eight fields and instruction")
     return parser.parse_args(argv)
 
 
@@ -66,9 +74,9 @@ def load_records(path: str) -> list:
     return data
 
 
-def parse_extract(value, where: str) -> dict:
-    """The 8 fields of one record's `extract_text`, given as a dict, a JSON string or a Python-literal string (the
-    chapter's all.json may hold dict reprs). Strings are parsed with json, then ast.literal_eval; never eval.
+def parse_extract(value, where: str, schema: Schema = CHAPTER_SCHEMA) -> dict:
+    """The schema's fields of one record's `extract_text`, given as a dict, a JSON string or a Python-literal string
+    (the chapter's all.json may hold dict reprs). Strings are parsed with json, then ast.literal_eval; never eval.
     List fields are de-duplicated, keeping the first occurrence, because the instruction asks for no repeats."""
     if isinstance(value, str):
         try:
@@ -81,29 +89,33 @@ def parse_extract(value, where: str) -> dict:
             except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 raise ValueError(f"{where}: extract_text is a string that is neither JSON nor a Python literal") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: extract_text must be an object with the 8 keys, got {type(value).__name__}")
-    missing = [k for k in EXTRACT_KEYS if k not in value]
-    if missing:
-        raise ValueError(f"{where}: extract_text is missing key(s) {', '.join(missing)}")
-    unknown = [str(k) for k in value if k not in EXTRACT_KEYS]
+        raise ValueError(f"{where}: extract_text must be an object with the {len(schema.keys)} keys, got "
+                         f"{type(value).__name__}")
+    whose = "" if schema.is_chapter else " (fields of the schema)"
+    unknown = [str(k) for k in value if k not in schema.keys]  # first: keys of another schema are the likelier slip
     if unknown:
-        raise ValueError(f"{where}: extract_text has unknown key(s) {', '.join(unknown)}")
+        among = "the chapter's eight fields; --schema names others" if schema.is_chapter else "the schema's fields"
+        raise ValueError(f"{where}: extract_text has unknown key(s) {', '.join(unknown)} (not among {among})")
+    missing = [k for k in schema.keys if k not in value]
+    if missing:
+        raise ValueError(f"{where}: extract_text is missing key(s) {', '.join(missing)}{whose}")
     extract = {}
-    for key in LIST_KEYS:
+    for key, kind in schema.fields:  # the schema's order, which is the answer's
+        if kind == "text":
+            if not isinstance(value[key], str):
+                raise ValueError(f"{where}: extract_text['{key}'] must be a string, got {_SHORT.repr(value[key])}")
+            extract[key] = value[key]
+            continue
         items = value[key]
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise ValueError(f"{where}: extract_text['{key}'] must be a list of strings, got {_SHORT.repr(items)}")
         if not all(x.strip() for x in items):
             raise ValueError(f"{where}: extract_text['{key}'] has an empty item: {_SHORT.repr(items)}")
         extract[key] = list(dict.fromkeys(items))
-    for key in TEXT_KEYS:
-        if not isinstance(value[key], str):
-            raise ValueError(f"{where}: extract_text['{key}'] must be a string, got {_SHORT.repr(value[key])}")
-        extract[key] = value[key]
     return extract
 
 
-def build_samples(records: list, path: str) -> list[dict]:
+def build_samples(records: list, path: str, schema: Schema = CHAPTER_SCHEMA) -> list[dict]:
     """One {instruction, input, output} sample per record; the first bad record raises, naming path and index."""
     samples = []
     for index, record in enumerate(records):
@@ -119,14 +131,13 @@ def build_samples(records: list, path: str) -> list[dict]:
             raise ValueError(f"{where}: 'dialogue_text' is empty")
         if "extract_text" not in record:
             raise ValueError(f"{where}: missing 'extract_text'")
-        extract = parse_extract(record["extract_text"], where)
+        extract = parse_extract(record["extract_text"], where, schema)
         check_utf8(dialogue, f"{where}: 'dialogue_text'")
-        for key in LIST_KEYS:
-            for item in extract[key]:
+        for key, kind in schema.fields:
+            for item in [extract[key]] if kind == "text" else extract[key]:
                 check_utf8(item, f"{where}: extract_text['{key}']")
-        for key in TEXT_KEYS:
-            check_utf8(extract[key], f"{where}: extract_text['{key}']")
-        samples.append({"instruction": INSTRUCTION, "input": dialogue, "output": format_output(extract)})
+        samples.append({"instruction": schema.instruction, "input": dialogue,
+                        "output": format_output(extract, schema.fields)})
     return samples
 
 
@@ -143,11 +154,12 @@ def check_utf8(text: str, where: str) -> None:
                          f"the file")
 
 
-def unquoted_items(samples: list[dict]) -> list[int]:
+def unquoted_items(samples: list[dict], schema: Schema = CHAPTER_SCHEMA) -> list[int]:
     """Indices of the samples with a list item that is not copied verbatim from the dialogue, which the instruction
     asks for (the chapter's test set has none); kept, since an annotator may have normalised a span on purpose."""
     return [index for index, sample in enumerate(samples)
-            if any(item not in sample["input"] for key in LIST_KEYS for item in parse_output(sample["output"])[0][key])]
+            if any(item not in sample["input"] for key in schema.span_keys
+                   for item in parse_output(sample["output"], schema.fields)[0][key])]
 
 
 def drop_repeated_dialogues(samples: list[dict]) -> tuple[list[dict], list[int], list[int]]:
@@ -217,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--all_path, --train_path and --test_path must be three different files")
         check_output_path(args.train_path, "--train_path")
         check_output_path(args.test_path, "--test_path")
-        all_samples = build_samples(load_records(args.all_path), args.all_path)
+        schema = load_schema(args.schema) if args.schema else CHAPTER_SCHEMA
+        all_samples = build_samples(load_records(args.all_path), args.all_path, schema)
         samples, dropped, relabelled = drop_repeated_dialogues(all_samples)
         train, test = split_samples(samples, args.test_size, args.seed)
     except ValueError as e:
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     if relabelled:
         print(f"{args.all_path}: warning: {len(relabelled)} of the dropped records had other labels than the record "
               f"kept ({records_named(relabelled)}); check which is right")
-    unquoted = unquoted_items(all_samples)
+    unquoted = unquoted_items(all_samples, schema)
     if unquoted:
         print(f"{args.all_path}: warning: {len(unquoted)} records list an item that does not occur verbatim in their "
               f"dialogue ({records_named(unquoted)}); the model is asked to copy spans")

@@ -19,6 +19,10 @@ are pooled over all samples before dividing (micro averages); "macro avg" ("over
 each of precision, recall and F1 over the 8 fields, so its F1 is not the F1 of its precision and recall; "list
 micro" pools the items of the 4 list fields, every extracted span counting alike. With `--json` only the report is
 printed, as JSON.
+
+Predictions made with a schema of your own (predict.py on a model trained with `--schema`) are scored on its fields,
+which predict.py records beside them (`<pred>.settings.json`); `--schema` names the file for predictions made
+elsewhere.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ import os
 import sys
 from typing import Sequence
 
+from medextract.cli import add_schema_argument
 from medextract.metrics import format_comparison, format_table, load_gold, load_predictions, score
 from medextract.report import build_html
+from medextract.schema import results_schema
 from utils import HelpFormatter, atomic_write_text, check_output_path, fail
 
 PROG = "evaluate.py"
@@ -43,6 +49,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     io.add_argument("--pred", type=str, nargs="+", default=["predictions.jsonl"],
                     help="predictions as JSON Lines with 'output' (the raw model text) and usually 'id'; several "
                          "files (e.g. fine-tuned, untuned, API) are scored side by side")
+    add_schema_argument(io, help="the schema file whose fields are scored, for predictions made elsewhere; by "
+                                 "default the schema the predictions' .settings.json records, else the chapter's "
+                                 "eight fields")
     out = parser.add_argument_group("output")
     out.add_argument("--report", type=str, default=None,
                      help="also write the report as JSON to this file (atomically); by default nothing is written")
@@ -73,11 +82,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        schema = results_schema(args.pred, args.schema)
         gold_ids, golds = load_gold(args.gold)
         predictions = {path: load_predictions(path) for path in args.pred}
-        reports = {path: score(golds, preds, gold_ids=gold_ids, gold_name=args.gold, pred_name=path)
+        reports = {path: score(golds, preds, gold_ids=gold_ids, gold_name=args.gold, pred_name=path, schema=schema)
                    for path, preds in predictions.items()}
-    except ValueError as e:  # medextract's InputError, or a bad line iter_jsonl names
+    except ValueError as e:  # medextract's InputError or ConfigError, or a bad line iter_jsonl names
         fail(PROG, e)
     # one file: its report; several: {file: report}
     report = reports[args.pred[0]] if len(reports) == 1 else reports
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(PROG, f"--report {args.report}: cannot write it ({e.strerror})")
     if args.html:
         try:
-            atomic_write_text(args.html, build_html(golds, gold_ids, predictions, reports, args.gold))
+            atomic_write_text(args.html, build_html(golds, gold_ids, predictions, reports, args.gold, schema))
         except OSError as e:
             fail(PROG, f"--html {args.html}: cannot write it ({e.strerror})")
     if args.json:

@@ -1,6 +1,7 @@
 """Merge a LoRA adapter trained by train.py into the unquantized base model and save a standalone checkpoint
-(safetensors shards, config.json, generation_config.json, tokenizer files, and the run's train_args.json, from which
-predict.py takes the training lengths) that loads with our qwen1_8 classes.
+(safetensors shards, config.json, generation_config.json, tokenizer files, the run's train_args.json, from which
+predict.py takes the training lengths, and its schema.json, the fields it answers) that loads with our qwen1_8
+classes.
 
     python merge_params.py --ori_model_dir Qwen-1_8-chat --model_dir output_dir_qlora \\
         --save_model_dir output_dir_qlora/merged
@@ -31,8 +32,10 @@ import tempfile
 
 import torch
 
+from medextract.cli import add_schema_argument
 from medextract.checkpoints import CHECKPOINT_NAME
 from medextract.model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary
+from medextract.schema import SCHEMA_FILE, resolve_schema
 from utils import (DTYPES, HelpFormatter, apply_usual_permissions, build_chatml_ids, check_output_path, fail,
                    load_tokenizer, one_line, replace_dir, resolve_device, silence_library_deprecations)
 
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "predict.py looks by default")
     paths.add_argument("--overwrite", action="store_true",
                        help="replace an earlier merge (or other model directory) at --save_model_dir")
+    add_schema_argument(paths, help="the schema file an adapter trained elsewhere answers, saved in the merged model; "
+                                    "default: the checkpoint's schema.json (train.py --schema), else the chapter's "
+                                    "eight fields")
     run = parser.add_argument_group("precision and output")
     run.add_argument("--device", default="auto",
                      help="auto (cuda if visible, else cpu), cpu, cuda, cuda:N, or the chapter's GPU index / -1")
@@ -206,6 +212,7 @@ def validate(args: argparse.Namespace) -> None:
     try:
         check_adapter_files(args.model_dir, check_model_files(args.ori_model_dir))
         check_vocabulary(tokenizer_dir(args.model_dir, args.ori_model_dir))
+        args.answer_schema = resolve_schema(args.model_dir, args.schema)
     except ValueError as e:
         fail(PROG, str(e))
     save = os.path.realpath(args.save_model_dir)
@@ -316,6 +323,9 @@ def save(model, tokenizer, args: argparse.Namespace, info: dict) -> None:
                 shutil.copyfile(os.path.join(args.ori_model_dir, name), os.path.join(tmp, name))
         if os.path.isfile(os.path.join(args.model_dir, "train_args.json")):  # predict.py reads the lengths from it
             shutil.copyfile(os.path.join(args.model_dir, "train_args.json"), os.path.join(tmp, "train_args.json"))
+        if not args.answer_schema.is_chapter or os.path.isfile(os.path.join(args.model_dir, SCHEMA_FILE)):
+            with open(os.path.join(tmp, SCHEMA_FILE), "w", encoding="utf-8") as f:  # the fields the model answers
+                f.write(args.answer_schema.text())
         with open(os.path.join(tmp, "merge_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, ensure_ascii=False, indent=2)
         apply_usual_permissions(tmp)

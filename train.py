@@ -16,6 +16,10 @@ The same script and flags also run as two CPU ranks over gloo, `DS_ACCELERATOR=c
 and as one process without the launcher, `python train.py ...` (CPU or GPU). Resume an interrupted run with
 `--resume_from_checkpoint ./output_dir_qlora/epoch-1-step-200` and otherwise the same flags.
 
+Fields of your own: `--schema my_schema.json` (the file data_helper.py split the data with) trains the model to
+answer that schema's fields; the run and every checkpoint keep it as schema.json, which merge_params.py, predict.py,
+serve.py and the rest then read by themselves.
+
 Choices worth knowing:
 - Precision: bf16 (compute dtype of the 4-bit layers and DeepSpeed's bf16 mode) on a bf16-capable GPU, otherwise
   fp32; never fp16 and never an unset compute dtype. `--quantization none` trains plain LoRA on the unquantized base.
@@ -45,7 +49,7 @@ from medextract.checkpoints import (TrainState, check_resume_checkpoint, check_r
                                     clear_run_outputs, list_checkpoints, prune_checkpoints, restore_rank_state, resume,
                                     run_fingerprints, save_checkpoint, saved_args, saved_step, to_json,
                                     write_best_checkpoint)
-from medextract.cli import add_lora_args
+from medextract.cli import add_lora_args, add_schema_argument
 from medextract.distributed import check_output_dir_shared, init_distributed
 from medextract.errors import MedextractError, OutputError
 from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gather_answers, load_f1_evaluation,
@@ -54,6 +58,7 @@ from medextract.grammar import build_vocabulary
 from medextract.inference import MIN_CONSTRAINED_TOKENS, Truncation
 from medextract.model_files import check_model_files, check_vocabulary, has_random_weights
 from medextract.qlora import QLoRASettings, build_model, resolve_precision
+from medextract.schema import CHAPTER_SCHEMA, SCHEMA_FILE, Schema, check_samples, load_schema, model_schema
 from medextract.training import (OptimizerSettings, ResumableDistributedSampler, StepPlan, build_ds_config,
                                  build_engine, library_versions, load_ds_json, model_inputs, write_plots)
 from utils import (IGNORE_INDEX, TRUNCATIONS, WEIGHT_FILES, DataCollator, HelpFormatter, QwenPromptDataSet,
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--group_by_length", action="store_true",
                       help="put samples of similar length in each micro-batch (seeded, a new grouping each epoch): "
                            "less padding to compute; off = the chapter's plain shuffle")
+    add_schema_argument(data, help="the schema file data_helper.py split the data with (fields of your own); saved "
+                                   "in the run and its checkpoints as schema.json; default: the chapter's eight fields")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default="Qwen-1_8-chat",
@@ -166,20 +173,22 @@ def main(argv: list[str] | None = None) -> None:
 def run_training(args: argparse.Namespace) -> None:
     # Everything that can be wrong with the inputs is checked before the process group exists.
     validate_args(args)
+    schema = load_schema(args.schema) if args.schema else CHAPTER_SCHEMA
     fingerprints = run_fingerprints(args.train_path, args.test_path, args.model_name_or_path)
     if args.resume_from_checkpoint:
+        check_resume_schema(args.resume_from_checkpoint, schema)
         check_resume_fingerprints(args.resume_from_checkpoint, fingerprints, rank=int(os.environ.get("RANK", "0")))
     ds_template = load_ds_json(args.ds_file)
     try:
         tokenizer = load_tokenizer(args.model_name_or_path)
     except (OSError, ValueError) as e:
         fail(PROG, f"--model_name_or_path {args.model_name_or_path}: cannot load the tokenizer ({one_line(e)})")
-    train_set, test_set = build_datasets(args, tokenizer, rank=int(os.environ.get("RANK", "0")))
+    train_set, test_set = build_datasets(args, tokenizer, schema, rank=int(os.environ.get("RANK", "0")))
     f1_evaluation = None
     if args.select_by == "f1" and args.test_path:
         f1_evaluation = load_f1_evaluation(args.test_path, args.eval_samples, args.eval_max_new_tokens,
                                            Truncation(args.max_len, args.max_src_len, args.truncation),
-                                           args.eval_generation_batch_size)
+                                           args.eval_generation_batch_size, schema)
 
     rank, world_size, device = init_distributed()
     check_output_dir_shared(args.output_dir, rank, world_size, device)
@@ -192,7 +201,7 @@ def run_training(args: argparse.Namespace) -> None:
     ds_config = build_ds_config(ds_template, optimizer_settings_of(args), world_size, precision, plan, args.ds_file)
     model = build_model(qlora_settings_of(args), precision, device)
     run_info = describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank,
-                            fingerprints)
+                            fingerprints, schema)
     engine = build_engine(model, ds_config)
 
     state = TrainState()
@@ -210,13 +219,14 @@ def run_training(args: argparse.Namespace) -> None:
         clear_run_outputs(args.output_dir, best_record(state, args.select_by) if state.best else None,
                           resumed=bool(args.resume_from_checkpoint))
         atomic_write_text(os.path.join(args.output_dir, "train_args.json"), to_json(run_info))
+        atomic_write_text(os.path.join(args.output_dir, SCHEMA_FILE), schema.text())
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"),
                                purge_step=state.global_step + 1 if state.global_step else None)
     ctx = RunContext(args=args, plan=plan, engine=engine, tokenizer=tokenizer, device=device, rank=rank,
                      world_size=world_size, test_loader=test_loader, writer=writer, run_info=run_info,
-                     loss_window=loss_window, f1_evaluation=f1_evaluation)
+                     loss_window=loss_window, f1_evaluation=f1_evaluation, schema=schema)
 
     engine.train()
     for epoch in range(state.epoch, plan.epochs + 1):
@@ -318,6 +328,18 @@ def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:
                    f"at step {step}: nothing to do")
 
 
+def check_resume_schema(checkpoint: str, schema: Schema) -> None:
+    """A run goes on with the fields it was started with (a checkpoint without schema.json had the chapter's)."""
+    try:
+        taken = model_schema(checkpoint) or CHAPTER_SCHEMA
+    except MedextractError as e:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint}: {e}")
+    if taken != schema:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint} was trained with another schema ({taken.describe()}) than "
+                   f"this run's ({schema.describe()}); resume with the --schema it was started with, or start a new "
+                   f"run")
+
+
 def qlora_settings_of(args: argparse.Namespace) -> QLoRASettings:
     """The model the flags describe: the base, its quantization, activation checkpointing and the adapter."""
     return QLoRASettings(model_name_or_path=args.model_name_or_path, quantization=args.quantization,
@@ -337,8 +359,11 @@ def optimizer_settings_of(args: argparse.Namespace) -> OptimizerSettings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_datasets(args: argparse.Namespace, tokenizer, rank: int):
+def build_datasets(args: argparse.Namespace, tokenizer, schema: Schema, rank: int):
     try:
+        for path in (args.train_path, args.test_path):
+            if path:
+                check_samples(path, schema)
         train_set = QwenPromptDataSet(args.train_path, tokenizer, args.max_len, args.max_src_len, args.is_skip, rank,
                                       args.truncation)
         # The test set keeps truncated samples: the chapter's silent exclusion made its PPL cover 49 of 50.
@@ -372,7 +397,7 @@ def build_dataloaders(args: argparse.Namespace, train_set, test_set, tokenizer, 
 
 
 def describe_run(args, model, ds_config, plan, world_size, device, precision, train_set, test_set, rank,
-                 fingerprints: dict | None = None) -> dict:
+                 fingerprints: dict | None = None, schema: Schema = CHAPTER_SCHEMA) -> dict:
     """The resolved settings, printed as counts and saved as train_args.json beside every checkpoint, with the
     fingerprints of what the run reads (run_fingerprints), which a resume must find unchanged."""
     trainable, total = model.get_nb_trainable_parameters()  # 4-bit weights counted at their logical size
@@ -382,6 +407,8 @@ def describe_run(args, model, ds_config, plan, world_size, device, precision, tr
                  f"{plan.micro_batches_per_epoch} | optimizer steps {plan.total_steps} "
                  f"({plan.steps_per_epoch} per epoch) | warmup {plan.warmup_steps} | world size {world_size} | "
                  f"{precision} on {device.type}", rank)
+    if not schema.is_chapter:
+        print_rank_0(f"schema: {len(schema.fields)} fields ({schema.describe()}) from --schema {args.schema}", rank)
     if has_random_weights(args.model_name_or_path):
         print_rank_0("note: the base model has random weights (make_tiny): perplexity near the vocabulary size "
                      "(~150,000) and F1 near 0 are expected", rank)
@@ -392,7 +419,7 @@ def describe_run(args, model, ds_config, plan, world_size, device, precision, tr
             "total_optimizer_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
             "trainable_params": trainable, "all_params": total, "train_samples": len(train_set),
             "train_skipped": train_set.skipped, "test_samples": len(test_set) if test_set is not None else 0,
-            "fingerprints": fingerprints, "versions": library_versions()}
+            "fingerprints": fingerprints, "schema": schema.to_json(), "versions": library_versions()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,6 +444,7 @@ class RunContext:
     loss_window: torch.Tensor
     f1_evaluation: F1Evaluation | None = None  # with --select_by f1: the test records to answer and score
     vocabulary: object = None  # the answer grammar's, built at the first F1 evaluation
+    schema: Schema = CHAPTER_SCHEMA  # the fields the model learns, saved with every checkpoint
 
 
 def train_one_epoch(ctx: RunContext, state: TrainState, loader: DataLoader) -> None:
@@ -488,13 +516,14 @@ def evaluate(engine, loader: DataLoader, device: torch.device) -> float:
 def evaluate_and_save(ctx: RunContext, state: TrainState) -> None:
     name = f"epoch-{state.epoch}-step-{state.global_step}"
     path = os.path.join(ctx.args.output_dir, name)
-    carried = {}  # files the checkpoint carries: its test answers and their report
+    carried = {SCHEMA_FILE: ctx.schema.text()}  # files the checkpoint carries: its schema, test answers and report
     if ctx.test_loader is not None:
         ppl = evaluate(ctx.engine, ctx.test_loader, ctx.device)
         state.history["eval"].append([state.global_step, ppl])
         f1 = None
         if ctx.f1_evaluation is not None:
-            summary, carried = evaluate_f1(ctx)
+            summary, answers = evaluate_f1(ctx)
+            carried.update(answers)
             f1 = summary["f1"]
             state.history.setdefault("f1", []).append([state.global_step, f1, summary["list_micro_f1"]])
         best_f1 = state.best.get("f1") if state.best is not None else None

@@ -49,13 +49,18 @@ INSTRUCTION = (
 LIST_KEYS = ("药品名称", "药物类别", "医疗检查", "医疗操作")
 TEXT_KEYS = ("现病史", "辅助检查", "诊断结果", "医疗建议")
 EXTRACT_KEYS = LIST_KEYS + TEXT_KEYS
+# The chapter's fields as (name, kind) pairs in answer order: "spans" are lists of pieces copied from the dialogue,
+# "text" a summary. A schema of the user's own (medextract.schema) gives other pairs to the same functions below.
+CHAPTER_FIELDS: tuple[tuple[str, str], ...] = (tuple((k, "spans") for k in LIST_KEYS)
+                                               + tuple((k, "text") for k in TEXT_KEYS))
+Fields = Sequence[tuple[str, str]]
 
 IGNORE_INDEX = -100  # labels at this value are skipped by the loss
 
 
-def format_output(extract: dict) -> str:
-    """The training target: a ```json fence around the 8 fields in canonical order (no quote rewriting)."""
-    ordered = {k: extract[k] for k in EXTRACT_KEYS}
+def format_output(extract: dict, fields: Fields = CHAPTER_FIELDS) -> str:
+    """The training target: a ```json fence around the fields in their order (no quote rewriting)."""
+    ordered = {name: extract[name] for name, _ in fields}
     return "```json\n" + json.dumps(ordered, ensure_ascii=False) + "\n```"
 
 
@@ -151,32 +156,30 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def normalise_fields(obj: dict) -> dict:
-    """The 8 keys with their declared types: list fields hold lists of strings, text fields hold strings."""
+def normalise_fields(obj: dict, fields: Fields = CHAPTER_FIELDS) -> dict:
+    """The fields' keys, in their order, with their declared types: span fields hold lists of strings, text fields
+    hold strings."""
     by_key = {str(k).strip(): v for k, v in obj.items()}
-    fields: dict = {}
-    for key in LIST_KEYS:
+    out: dict = {}
+    for key, kind in fields:
         value = by_key.get(key)
-        if isinstance(value, (list, tuple, set)):
+        if kind == "text":
+            joined = isinstance(value, (list, tuple))  # a list where a text was asked for
+            out[key] = "".join(_as_text(item) for item in value) if joined else _as_text(value)
+        elif isinstance(value, (list, tuple, set)):
             # an item said twice counts once (the instruction asks for no repeats); first occurrences keep their order
-            fields[key] = list(dict.fromkeys(_as_text(item) for item in value if item is not None))
+            out[key] = list(dict.fromkeys(_as_text(item) for item in value if item is not None))
         elif value is None or (isinstance(value, str) and not value.strip()):
-            fields[key] = []
+            out[key] = []
         else:  # one bare value where a list was asked for
-            fields[key] = [_as_text(value)]
-    for key in TEXT_KEYS:
-        value = by_key.get(key)
-        if isinstance(value, (list, tuple)):
-            fields[key] = "".join(_as_text(item) for item in value)
-        else:
-            fields[key] = _as_text(value)
-    return fields
+            out[key] = [_as_text(value)]
+    return out
 
 
-def _keyed_object(value: Any, depth: int = 0) -> dict | None:
-    """`value` itself, or the first object nested in it (a few levels deep), that holds any of the 8 keys."""
+def _keyed_object(value: Any, keys: set[str], depth: int = 0) -> dict | None:
+    """`value` itself, or the first object nested in it (a few levels deep), that holds any of `keys`."""
     if isinstance(value, dict):
-        if any(str(k).strip() in EXTRACT_KEYS for k in value):
+        if any(str(k).strip() in keys for k in value):
             return value
         children = value.values()
     elif isinstance(value, (list, tuple)):
@@ -185,27 +188,28 @@ def _keyed_object(value: Any, depth: int = 0) -> dict | None:
         return None
     if depth < 4:
         for child in children:
-            found = _keyed_object(child, depth + 1)
+            found = _keyed_object(child, keys, depth + 1)
             if found is not None:
                 return found
     return None
 
 
-def _empty_fields() -> dict:
-    """The 8 keys, all empty: [] for list fields, "" for text fields."""
-    return {**{k: [] for k in LIST_KEYS}, **{k: "" for k in TEXT_KEYS}}
+def empty_fields(fields: Fields = CHAPTER_FIELDS) -> dict:
+    """The fields' keys, all empty: [] for span fields, "" for text fields."""
+    return {key: "" if kind == "text" else [] for key, kind in fields}
 
 
-def answer_object(text: str) -> dict | None:
-    """The object a model answer gives, before its fields are normalised: the first object holding any of the 8 keys,
-    also one wrapped in another (`{"result": {…}}`, `{"data": [{…}]}`), else the first object at all; None if the
-    text holds no object."""
+def answer_object(text: str, fields: Fields = CHAPTER_FIELDS) -> dict | None:
+    """The object a model answer gives, before its fields are normalised: the first object holding any of the fields'
+    keys, also one wrapped in another (`{"result": {…}}`, `{"data": [{…}]}`), else the first object at all; None if
+    the text holds no object."""
+    keys = {key for key, _ in fields}
     first = None
     start = text.find("{")
     while start != -1:
         value, after = _object_at(text, start)
         if isinstance(value, dict):
-            keyed = _keyed_object(value)
+            keyed = _keyed_object(value, keys)
             if keyed is not None:
                 return keyed
             if first is None:
@@ -216,8 +220,8 @@ def answer_object(text: str) -> dict | None:
     return first
 
 
-def parse_output(text: str) -> tuple[dict, bool]:
-    """Parse a model answer into the 8 fields. Returns (fields, valid).
+def parse_output(text: str, fields: Fields = CHAPTER_FIELDS) -> tuple[dict, bool]:
+    """Parse a model answer into `fields` (the chapter's 8 by default). Returns (fields, valid).
 
     Accepts the ```json fence, the log run's "```\\n\\n{…}\\n\\n```" fence, no fence, chatter before or after the
     object, single-quoted Python-dict output, trailing commas and JSON constants among them. The object is
@@ -226,10 +230,10 @@ def parse_output(text: str) -> tuple[dict, bool]:
     list in a text field is joined with ""; non-string items become strings. `valid` says whether an object was
     found; when it is False every field is empty.
     """
-    obj = answer_object(text)
+    obj = answer_object(text, fields)
     if obj is None:
-        return _empty_fields(), False
-    return normalise_fields(obj), True
+        return empty_fields(fields), False
+    return normalise_fields(obj, fields), True
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,15 +12,16 @@ import codecs
 import unicodedata
 from typing import Sequence
 
-from utils import SYSTEM_PROMPT, build_chatml_ids
+from utils import CHAPTER_FIELDS, SYSTEM_PROMPT, Fields, build_chatml_ids
 
 from .decoding import Decoding, Request
-from .grammar import AnswerGrammar, AnswerScanner, empty_answer
+from .grammar import AnswerGrammar, AnswerScanner, answer_layout, empty_answer
 
 
-def empty_answer_tokens(tokenizer) -> int:
-    """Tokens of the shortest answer under the answer grammar, <|im_end|> included; no closing is longer."""
-    return len(closing_ids(tokenizer, empty_answer()))
+def empty_answer_tokens(tokenizer, fields: Fields = CHAPTER_FIELDS) -> int:
+    """Tokens of the shortest answer with `fields` under the answer grammar, <|im_end|> included; no closing is
+    longer."""
+    return len(closing_ids(tokenizer, empty_answer(fields)))
 
 
 def closing_ids(tokenizer, text: str) -> list[int]:
@@ -37,16 +38,17 @@ class AnswerCloser:
     that fitted. A run of tokens that each end inside a character, or an item that keeps ending in white space, so
     only costs the tokens after that point. `shortest`: empty_answer_tokens, the least any budget must allow."""
 
-    def __init__(self, tokenizer, budget: int, shortest: int):
+    def __init__(self, tokenizer, budget: int, shortest: int, fields: Fields = CHAPTER_FIELDS):
         if budget < shortest:
             raise ValueError(f"max_new_tokens {budget} is below the {shortest} tokens an answer under the answer "
                              f"grammar takes at the least (every field empty)")
         self.tokenizer, self.budget, self.shortest = tokenizer, budget, shortest
-        self.scanner = AnswerScanner()  # where the answer stands
+        layout = answer_layout(fields)
+        self.scanner = AnswerScanner(layout)  # where the answer stands
         self.decoder = codecs.getincrementaldecoder("utf-8")()  # its characters so far (a token may end inside one)
         # the latest point where it can be closed within its budget: (tokens kept, the scanner there, closing ids,
         # when already encoded)
-        self.fallback: tuple[int, AnswerScanner, list[int] | None] = (0, AnswerScanner(), None)
+        self.fallback: tuple[int, AnswerScanner, list[int] | None] = (0, AnswerScanner(layout), None)
 
     @property
     def settled(self) -> int:
@@ -93,10 +95,12 @@ class AnswerCloser:
 
 def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decoding, constraint: str = "grounded",
                        vocabulary=None, max_len: int = 2048, max_src_len: int = 1560, truncation: str = "tokens",
-                       instruction_chars: int = 0, **callbacks) -> tuple[Request, bool]:
+                       instruction_chars: int = 0, fields: Fields = CHAPTER_FIELDS,
+                       **callbacks) -> tuple[Request, bool]:
     """The request that answers `user_text` (instruction + `dialogue`), with the prompt cut as training cut it, and
-    whether the prompt was cut. Under `grounded`, list items come from `dialogue`; `schema` keeps only the format;
-    `none` generates freely. `callbacks`: Request's on_text / cancelled."""
+    whether the prompt was cut. The answer has `fields` (a schema's); under `grounded`, list items come from
+    `dialogue`; `schema` keeps only the format; `none` generates freely. `callbacks`: Request's on_text /
+    cancelled."""
     ids = build_chatml_ids(tokenizer, user_text, None, max_len, max_src_len, truncation=truncation,
                            instruction_chars=instruction_chars)
     if constraint == "none":
@@ -106,9 +110,11 @@ def extraction_request(tokenizer, user_text: str, dialogue: str, decoding: Decod
     if ids.truncated:  # spans only from what the model reads: the dialogue as the cut prompt holds it, as sent
         dialogue = kept_part(dialogue, visible_dialogue(tokenizer, ids.input_ids, instruction_chars))
 
+    fields = tuple(fields)
+
     def build() -> AnswerGrammar:
-        return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint)
-    return Request(ids.input_ids, decoding, build, closable=True, **callbacks), ids.truncated
+        return AnswerGrammar.for_dialogue(vocabulary, dialogue, constraint, fields)
+    return Request(ids.input_ids, decoding, build, closable=True, fields=fields, **callbacks), ids.truncated
 
 
 def visible_dialogue(tokenizer, prompt: Sequence[int], instruction_chars: int) -> str:

@@ -9,23 +9,28 @@ so its answers are predict.py's for the same settings.
         r.fields["现病史"]     # str
         r.valid, r.truncated, r.output
 
+A model trained with a schema of its own (train.py --schema) answers its fields: `Extractor.load` reads the
+schema.json the model directory carries (`ex.schema`); `schema=` gives one to a model trained elsewhere.
+
 Errors are medextract.errors' (ConfigError for a bad setting or model directory, ModelLoadError for weights that
 fail to load).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable, Union
 
 import torch
 
-from utils import LIST_KEYS, parse_output, resolve_device, set_random_seed, silence_library_deprecations
+from utils import CHAPTER_FIELDS, Fields, parse_output, resolve_device, set_random_seed, silence_library_deprecations
 
 from .engine import Decoding, Engine, Result
 from .errors import ConfigError
 from .grammar import CONSTRAINTS
 from .inference import (Truncation, check_generation, check_model_dir_files, dialogue_request, examples_of,
                         load_engine, resolve_dtype, trained_truncation)
+from .schema import CHAPTER_SCHEMA, Schema, model_schema, resolve_schema
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,13 @@ class Extraction:
     prompt_cut: bool  # the dialogue was longer than max_src_len and cut as training cut it
 
 
-def span_offsets(fields: dict, dialogue: str) -> dict[str, FieldValue]:
-    """The parsed fields with each list item located in `dialogue` (its first occurrence)."""
+def span_offsets(fields: dict, dialogue: str, kinds: Fields = CHAPTER_FIELDS) -> dict[str, FieldValue]:
+    """The parsed fields with each item of a span field (`kinds`: the schema's (name, kind) pairs) located in
+    `dialogue` (its first occurrence)."""
+    spans_of = {name for name, kind in kinds if kind == "spans"}
     out: dict[str, FieldValue] = {}
     for key, value in fields.items():
-        if key in LIST_KEYS:
+        if key in spans_of:
             spans = []
             for text in value:
                 start = dialogue.find(text) if text else -1
@@ -72,7 +79,8 @@ def span_offsets(fields: dict, dialogue: str) -> dict[str, FieldValue]:
 class Extractor:
     """A loaded model ready to extract. `Extractor.load` checks the directory and settings as predict.py does."""
 
-    def __init__(self, engine: Engine, constraint: str = "grounded", truncation: Truncation = Truncation()):
+    def __init__(self, engine: Engine, constraint: str = "grounded", truncation: Truncation = Truncation(),
+                 schema: Schema = CHAPTER_SCHEMA):
         if constraint not in CONSTRAINTS:
             raise ConfigError(f"constraint {constraint!r}: expected one of {', '.join(CONSTRAINTS)}")
         if constraint != "none" and engine.vocabulary is None:
@@ -80,15 +88,19 @@ class Extractor:
         self.engine = engine
         self.constraint = constraint
         self.truncation = truncation
+        self.schema = schema
 
     @classmethod
     def load(cls, model_path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              constraint: str = "grounded", batch_size: int = 8, max_len: int | None = None,
-             max_src_len: int | None = None, truncation: str | None = None) -> "Extractor":
+             max_src_len: int | None = None, truncation: str | None = None,
+             schema: str | Schema | None = None) -> "Extractor":
         """The model at `model_path` (a merged model or a train.py checkpoint) on `device` ('auto', 'cpu', 'cuda',
         'cuda:N'), in `dtype` ('auto', 'float32', 'bfloat16', 'float16', or a torch dtype), answering under
         `constraint` (grounded, schema or none), `batch_size` answers at a time. Prompts are cut as training cut
-        them: max_len / max_src_len / truncation from the model's train_args.json unless given."""
+        them: max_len / max_src_len / truncation from the model's train_args.json unless given. The fields are the
+        schema the model directory carries (schema.json), else `schema` (a Schema or a schema file's path), else the
+        chapter's; a `schema` other than the model's own is refused."""
         silence_library_deprecations()
         if constraint not in CONSTRAINTS:
             raise ConfigError(f"constraint {constraint!r}: expected one of {', '.join(CONSTRAINTS)}")
@@ -105,11 +117,18 @@ class Extractor:
                 torch_dtype = resolve_dtype(dtype, torch_device)
             except KeyError:
                 raise ConfigError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
+        if isinstance(schema, Schema):
+            own = model_schema(model_path) if os.path.isdir(model_path) else None
+            if own is not None and own != schema:
+                raise ConfigError(f"schema differs from the one {model_path} was trained with ({own.describe()})")
+            answer_schema = schema
+        else:
+            answer_schema = resolve_schema(model_path, schema, "schema")
         cut, _ = trained_truncation(model_path, max_len, max_src_len, truncation)
         check_generation(model_path, Decoding(), constraint, cut)
         check_model_dir_files(model_path)
         engine = load_engine(model_path, torch_device, torch_dtype, batch_size, constraint != "none")
-        return cls(engine, constraint, cut)
+        return cls(engine, constraint, cut, answer_schema)
 
     def extract(self, dialogues: Iterable[str] | str, max_new_tokens: int = 512, do_sample: bool = False,
                 temperature: float = 0.8, top_p: float = 0.8, repetition_penalty: float = 1.1,
@@ -127,22 +146,19 @@ class Extractor:
         if do_sample:
             set_random_seed(seed)
         requests, cuts = [], []
-        for example in examples_of(dialogues):
+        for example in examples_of(dialogues, self.schema):
             request, cut = dialogue_request(self.engine, example.user_text, example.instruction_chars, decoding,
-                                            self.constraint, self.truncation)
+                                            self.constraint, self.truncation, self.schema)
             requests.append(request)
             cuts.append(cut)
-        if requests and self.constraint != "none" and max_new_tokens < self.engine.empty_answer_tokens():
-            raise ConfigError(f"max_new_tokens {max_new_tokens} is below the {self.engine.empty_answer_tokens()} "
-                              f"tokens the shortest answer in the trained format takes (every field empty)")
+        shortest = self.engine.empty_answer_tokens(self.schema.fields) if self.constraint != "none" else 0
+        if requests and max_new_tokens < shortest:
+            raise ConfigError(f"max_new_tokens {max_new_tokens} is below the {shortest} tokens the shortest answer "
+                              f"in the trained format takes (every field empty)")
         results = self.engine.generate(requests)
         return [self._extraction(d, r, cut) for d, r, cut in zip(dialogues, results, cuts)]
 
-    @staticmethod
-    def _extraction(dialogue: str, result: Result, cut: bool) -> Extraction:
-        if result.finish_reason == "error":
-            fields, valid = parse_output("")
-        else:
-            fields, valid = parse_output(result.text)
-        return Extraction(dialogue, span_offsets(fields, dialogue), valid, result.truncated, result.text,
-                          result.finish_reason, len(result.tokens), cut)
+    def _extraction(self, dialogue: str, result: Result, cut: bool) -> Extraction:
+        fields, valid = parse_output("" if result.finish_reason == "error" else result.text, self.schema.fields)
+        return Extraction(dialogue, span_offsets(fields, dialogue, self.schema.fields), valid, result.truncated,
+                          result.text, result.finish_reason, len(result.tokens), cut)

@@ -123,8 +123,9 @@ def model_card(path: str, run_info: dict, state: TrainState, targets: list[str])
     if ppl is not None:
         metrics.append(f"- test perplexity (token-weighted): {ppl:.4f}")
     if f1 is not None:
-        metrics.append(f"- extraction F1 on the test set: macro {f1[0]:.4f} over the 8 fields, list micro {f1[1]:.4f} "
-                       f"(answers and per-field report: eval_predictions.jsonl, eval_report.json)")
+        fields = (run_info.get("schema") or {}).get("fields") or [None] * 8
+        metrics.append(f"- extraction F1 on the test set: macro {f1[0]:.4f} over the {len(fields)} fields, list micro "
+                       f"{f1[1]:.4f} (answers and per-field report: eval_predictions.jsonl, eval_report.json)")
     if not metrics:
         metrics.append("- not evaluated (train.py ran without a test file)")
     if has_random_weights(base):
@@ -146,6 +147,8 @@ def model_card(path: str, run_info: dict, state: TrainState, targets: list[str])
              else "none (plain LoRA on the unquantized base)"),
             ("precision", f"{run_info['precision']} on {run_info['device']}"),
             ("world size", str(ranks)),
+            ("fields", ", ".join(f"{f['name']} ({f['kind']})" for f in run_info["schema"]["fields"])
+             if run_info.get("schema") else "the chapter's eight"),
             ("data", f"{run_info['train_samples']} training samples ({args['train_path']}), "
                      f"{run_info['test_samples']} test samples, --max_len {args['max_len']}, --max_src_len "
                      f"{args['max_src_len']}, seed {args['seed']}")]

@@ -21,7 +21,8 @@ from .inference import (DEFAULT_MODEL_PATH, Interrupted, Truncation, answer_dial
                         predict_file, prepare_engine, resolve_dtype, trained_truncation)
 from .model_files import RANDOM_WEIGHTS_NOTE, has_random_weights
 from .qlora import QLoRASettings
-from .terminal import interactive
+from .schema import SCHEMA_FILE, Schema, resolve_schema
+from .terminal import interactive, show_answer
 
 
 MODEL_PATH_HELP = ("checkpoint directory (weights, config.json and the tokenizer's qwen.tiktoken); a train.py "
@@ -29,8 +30,8 @@ MODEL_PATH_HELP = ("checkpoint directory (weights, config.json and the tokenizer
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAULT_MODEL_PATH,
-                        model_path_help: str = MODEL_PATH_HELP) -> None:
-    """--model_path, --device, --dtype."""
+                        model_path_help: str = MODEL_PATH_HELP) -> argparse._ArgumentGroup:
+    """--model_path, --device, --dtype; the group, for flags that go with them."""
     model = parser.add_argument_group("model")
     model.add_argument("--model_path", type=str, default=model_path, help=model_path_help)
     model.add_argument("--device", type=str, default="auto",
@@ -38,6 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_path: str = DEFAU
     model.add_argument("--dtype", type=str, default="auto", choices=["auto", *DTYPES],
                        help="weights and compute dtype; auto = bf16 on a GPU that supports it, fp16 on other GPUs, "
                             "bf16 on a CPU that computes it natively (AVX512-BF16, AMX), else fp32")
+    return model
 
 
 class StoreSamplingFlag(argparse.Action):
@@ -83,6 +85,32 @@ def add_generation_arguments(parser: argparse.ArgumentParser, constraint: bool =
                           "whole turns). Default: from train_args.json as --max_len, else tokens")
 
 
+SCHEMA_HELP = ("a schema file (JSON: {\"fields\": [{\"name\", \"kind\": \"spans\" or \"text\"}, …], "
+               "\"instruction\"}) naming the fields to extract; default: the schema.json a model trained here "
+               "carries, else the chapter's eight fields")
+
+
+def add_schema_argument(group, help: str = SCHEMA_HELP) -> None:
+    """--schema, the same flag in every script."""
+    group.add_argument("--schema", type=str, default=None, help=help)
+
+
+def schema_of(args: argparse.Namespace, model_path: str | None = None) -> Schema:
+    """The schema to answer with: the model's own schema.json, else --schema, else the chapter's; a --schema that
+    differs from the model's is refused (medextract.schema.resolve_schema)."""
+    model_path = args.model_path if model_path is None else model_path
+    return resolve_schema(model_path if model_path and os.path.isdir(model_path) else None, args.schema)
+
+
+def schema_note(schema: Schema, model_path: str | None) -> str | None:
+    """One line naming a schema of the user's own and where it came from; None for the chapter's."""
+    if schema.is_chapter:
+        return None
+    source = (os.path.join(model_path, SCHEMA_FILE)
+              if model_path and os.path.isfile(os.path.join(model_path, SCHEMA_FILE)) else "--schema")
+    return f"schema: {len(schema.fields)} fields from {source}: {schema.describe()}"
+
+
 def add_batch_arguments(parser: argparse.ArgumentParser, output_file: str) -> None:
     io = parser.add_argument_group("batch mode")
     io.add_argument("--input_file", type=str, default=None,
@@ -98,7 +126,7 @@ def extraction_parser(description: str, model_path: str, output_file: str,
                       model_path_help: str = MODEL_PATH_HELP) -> argparse.ArgumentParser:
     """predict.py's and test_qwen.py's flags: the model, generation and batch groups."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    add_model_arguments(parser, model_path, model_path_help)
+    add_schema_argument(add_model_arguments(parser, model_path, model_path_help))  # the fields come with the model
     add_generation_arguments(parser)
     add_batch_arguments(parser, output_file)
     return parser
@@ -145,6 +173,9 @@ def check_generation_args(args: argparse.Namespace, constraint: str) -> None:
         print(f"prompt truncation: --max_len {args.max_len} --max_src_len {args.max_src_len} --truncation "
               f"{args.truncation} ({', '.join('--' + key for key in given)} from {source})", flush=True)
     check_generation(args.model_path, decoding_of(args), constraint, truncation)
+    note = schema_note(schema_of(args), args.model_path)
+    if note:
+        print(note, flush=True)
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
@@ -175,26 +206,28 @@ def run_extraction(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    decoding, truncation = decoding_of(args), truncation_of(args)
+    decoding, truncation, schema = decoding_of(args), truncation_of(args), schema_of(args)
     print(dtype_note(args.dtype, device), flush=True)
     if has_random_weights(args.model_path):  # before the first answer, batch or interactive
         print(RANDOM_WEIGHTS_NOTE, flush=True)
     try:
-        return extract_as_asked(args, device, decoding, truncation)
+        return extract_as_asked(args, device, decoding, truncation, schema)
     except KeyboardInterrupt:  # while the model loads, say (predict_file says what it kept itself)
         raise Interrupted("interrupted") from None
 
 
-def extract_as_asked(args: argparse.Namespace, device: torch.device, decoding: Decoding,
-                     truncation: Truncation) -> int:
+def extract_as_asked(args: argparse.Namespace, device: torch.device, decoding: Decoding, truncation: Truncation,
+                     schema: Schema) -> int:
     if args.input_file is None:
         engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
-                                decoding, truncation)
-        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, decoding, args.constraint, truncation))
+                                decoding, truncation, schema=schema)
+        return interactive(lambda dialogue: answer_dialogue(engine, dialogue, decoding, args.constraint, truncation,
+                                                            schema),
+                           lambda answer: show_answer(answer, schema.fields))
     with writing(args.output_file):  # one writer per results file, from before its first read to the end
         engine = prepare_engine(args.model_path, device, dtype_of(args, device), args.batch_size, args.constraint,
-                                decoding, truncation, args.input_file, args.output_file)
-        predict_file(engine, args.input_file, args.output_file, decoding, truncation, args.constraint)
+                                decoding, truncation, args.input_file, args.output_file, schema)
+        predict_file(engine, args.input_file, args.output_file, decoding, truncation, args.constraint, schema)
     return 0
 
 

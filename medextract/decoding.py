@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from utils import CHAPTER_FIELDS
+
 
 def stop_token_ids(tokenizer) -> list[int]:
     """An answer ends at `<|im_end|>`; `<|im_start|>` (a new turn) and `<|endoftext|>` end it too."""
@@ -36,6 +38,7 @@ class Request:
     decoding: Decoding = Decoding()
     grammar: Callable[[], Any] | None = None
     closable: bool = False
+    fields: tuple = CHAPTER_FIELDS  # the answer grammar's fields, which its closing text fills in
     on_text: Callable[[str], None] | None = None
     cancelled: Callable[[], bool] | None = None
 

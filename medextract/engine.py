@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from utils import one_line
+from utils import CHAPTER_FIELDS, Fields, one_line
 
 from .answer import AnswerCloser, empty_answer_tokens
 from .decoding import Decoding, Request, Result, stop_token_ids
@@ -75,7 +75,7 @@ class Engine:
         dense = self.device.type == "cuda" if dense_penalty is None else dense_penalty
         self.sampler = Sampler(max_batch_size, vocab_size, sorted(self.stops), tokenizer.im_end_id, self.device,
                                dense)
-        self._empty_answer_tokens: int | None = None
+        self._empty_answer_tokens: dict[tuple, int] = {}
 
     @property
     def cuda_graphs(self) -> bool:
@@ -89,11 +89,13 @@ class Engine:
     def dense_penalty(self) -> bool:
         return self.sampler.seen is not None
 
-    def empty_answer_tokens(self) -> int:
-        """Tokens of the shortest answer under the answer grammar, <|im_end|> included (answer.empty_answer_tokens)."""
-        if self._empty_answer_tokens is None:
-            self._empty_answer_tokens = empty_answer_tokens(self.tokenizer)
-        return self._empty_answer_tokens
+    def empty_answer_tokens(self, fields: Fields = CHAPTER_FIELDS) -> int:
+        """Tokens of the shortest answer with `fields` under the answer grammar, <|im_end|> included
+        (answer.empty_answer_tokens)."""
+        key = tuple(fields)
+        if key not in self._empty_answer_tokens:
+            self._empty_answer_tokens[key] = empty_answer_tokens(self.tokenizer, key)
+        return self._empty_answer_tokens[key]
 
     # ---- public ---------------------------------------------------------------------------------------------
 
@@ -179,7 +181,8 @@ class Engine:
         decoding = request.decoding
         closer = None
         if request.closable:
-            closer = AnswerCloser(self.tokenizer, decoding.max_new_tokens, self.empty_answer_tokens())
+            closer = AnswerCloser(self.tokenizer, decoding.max_new_tokens, self.empty_answer_tokens(request.fields),
+                                  request.fields)
         body = prompt[:-1]  # the last prompt token is fed by the first decoding step
         self.runner.prefill(row, body)
         seen, generator = self.sampler.start_row(row, prompt, decoding)

@@ -16,6 +16,7 @@ from .engine import Decoding, Engine
 from .errors import InputError
 from .inference import Example, Truncation, dialogue_request, read_examples
 from .metrics import load_gold, score
+from .schema import CHAPTER_SCHEMA, Schema
 
 
 @dataclass
@@ -29,13 +30,14 @@ class F1Evaluation:
     truncation: Truncation
     batch_size: int
     constraint: str = "grounded"
+    schema: Schema = CHAPTER_SCHEMA  # the run's fields
 
 
 def load_f1_evaluation(test_path: str, samples: int, max_new_tokens: int, truncation: Truncation,
-                       batch_size: int) -> F1Evaluation:
+                       batch_size: int, schema: Schema = CHAPTER_SCHEMA) -> F1Evaluation:
     """The test file's records and gold answers (every record needs its 'output': the F1 is scored against it)."""
     try:
-        examples = read_examples(test_path)
+        examples = read_examples(test_path, schema)
         gold_ids, golds = load_gold(test_path)
     except InputError:
         raise
@@ -44,7 +46,8 @@ def load_f1_evaluation(test_path: str, samples: int, max_new_tokens: int, trunca
     if samples:
         examples, golds, gold_ids = examples[:samples], golds[:samples], gold_ids[:samples]
     # predict.py's greedy decoding and repetition penalty, at the evaluation's budget
-    return F1Evaluation(examples, golds, gold_ids, Decoding(max_new_tokens=max_new_tokens), truncation, batch_size)
+    return F1Evaluation(examples, golds, gold_ids, Decoding(max_new_tokens=max_new_tokens), truncation, batch_size,
+                        schema=schema)
 
 
 @torch.no_grad()
@@ -57,7 +60,7 @@ def answer_share(model, tokenizer, vocabulary, evaluation: F1Evaluation, rank: i
         return []
     engine = Engine(model, tokenizer, evaluation.batch_size, vocabulary)
     requests = [dialogue_request(engine, e.user_text, e.instruction_chars, evaluation.decoding, evaluation.constraint,
-                                 evaluation.truncation)[0] for e in share]
+                                 evaluation.truncation, evaluation.schema)[0] for e in share]
     records = []
     for e, result in zip(share, engine.generate(requests)):
         # an answer that failed (never seen: a bug) is scored as an empty, invalid one rather than stopping training
@@ -80,7 +83,7 @@ def gather_answers(records: list[dict], rank: int, world_size: int) -> list[dict
 
 def score_answers(evaluation: F1Evaluation, records: list[dict]) -> dict:
     """evaluate.py's report of the gathered answers."""
-    return score(evaluation.golds, records, gold_ids=evaluation.gold_ids)
+    return score(evaluation.golds, records, gold_ids=evaluation.gold_ids, schema=evaluation.schema)
 
 
 def f1_summary(report: dict) -> dict:

@@ -1,10 +1,11 @@
 """The answer grammar: what an extraction may look like, enforced token by token with xgrammar.
 
-An answer is exactly the text training teaches (`utils.format_output`): the ```json fence, the 8 keys in canonical
-order with `json.dumps`' separators and escapes (ensure_ascii=False), the closing fence, then `<|im_end|>`. Under
-`grounded`, every list item is a non-empty span of the dialogue that does not cross a line, written as json.dumps
-writes it; the spans come from a suffix automaton of the dialogue, one grammar rule per state. Under `schema`, a list
-item is any non-empty JSON string. Text fields are any JSON string in both.
+An answer is exactly the text training teaches (`utils.format_output`): the ```json fence, the schema's keys in its
+order (the chapter's 8 by default) with `json.dumps`' separators and escapes (ensure_ascii=False), the closing
+fence, then `<|im_end|>`. Under `grounded`, every list item is a non-empty span of the dialogue that does not cross a
+line, written as json.dumps writes it; the spans come from a suffix automaton of the dialogue, one grammar rule per state. Under `schema`, a list
+item is any non-empty JSON string. Text fields are any JSON string in both. `fields` everywhere here are (name,
+kind) pairs, a schema's (medextract.schema) or the chapter's (utils.CHAPTER_FIELDS).
 
 The vocabulary goes to xgrammar as raw bytes per id from the tokenizer's ranks; the 208 special tokens and the unused
 embedding rows are empty, so none can appear inside an answer, and `<|im_end|>` is its only end.
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from functools import lru_cache
 
-from utils import EXTRACT_KEYS, LIST_KEYS
+from utils import CHAPTER_FIELDS, Fields
 
 CONSTRAINTS = ("grounded", "schema", "none")
 
@@ -46,9 +49,9 @@ def _json_char(ch: str) -> str:
     return json.dumps(ch, ensure_ascii=False)[1:-1]
 
 
-def _skeleton_piece(index: int) -> str:
+def _skeleton_piece(fields: Fields, index: int) -> str:
     """The fixed text before field `index`: the fence and the brace, or the separator, then the key and ': '."""
-    key = json.dumps(EXTRACT_KEYS[index], ensure_ascii=False)
+    key = json.dumps(fields[index][0], ensure_ascii=False)
     return (OPEN_FENCE + "{" if index == 0 else ", ") + key + ": "
 
 
@@ -71,17 +74,21 @@ edge ::= [^"\\\x00-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000
 '''
 
 
-def build_ebnf(dialogue: str, constraint: str = "grounded") -> str:
-    """The grammar of an answer to `dialogue`, as EBNF text for xgrammar."""
+def build_ebnf(dialogue: str, constraint: str = "grounded", fields: Fields = CHAPTER_FIELDS) -> str:
+    """The grammar of an answer to `dialogue` with `fields`, as EBNF text for xgrammar."""
     if constraint not in ("grounded", "schema"):
         raise ValueError(f"constraint must be 'grounded' or 'schema' for a grammar, got {constraint!r}")
     parts = []
-    for index, key in enumerate(EXTRACT_KEYS):
-        parts.append(_literal(_skeleton_piece(index)))
-        parts.append("list" if key in LIST_KEYS else "text")
+    for index, (_, kind) in enumerate(fields):
+        parts.append(_literal(_skeleton_piece(fields, index)))
+        parts.append("text" if kind == "text" else "list")
     parts.append(_literal("}" + CLOSE_FENCE))
-    rules = ["root ::= " + " ".join(parts),
-             'list ::= "[]" | "[" item (", " item)* "]"']
+    has_text = any(kind == "text" for _, kind in fields)
+    strings = _STRING_RULES if has_text or constraint == "schema" else ""  # (the item rules' escape is in there)
+    rules = ["root ::= " + " ".join(parts)]
+    if all(kind == "text" for _, kind in fields):  # no span field: no list rules
+        return "\n".join(rules) + strings
+    rules.append('list ::= "[]" | "[" item (", " item)* "]"')
     if constraint == "schema":  # only the rules the grammar uses: each one costs compile time
         return "\n".join(rules) + _SCHEMA_ITEM_RULES + _STRING_RULES
     spans = _span_rules(dialogue)
@@ -90,7 +97,7 @@ def build_ebnf(dialogue: str, constraint: str = "grounded") -> str:
         rules += spans
     else:  # nothing to copy: every list is empty
         rules[1] = 'list ::= "[]"'
-    return "\n".join(rules) + _STRING_RULES
+    return "\n".join(rules) + strings
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,17 +191,17 @@ def _span_rules(dialogue: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def empty_answer() -> str:
+def empty_answer(fields: Fields = CHAPTER_FIELDS) -> str:
     """The shortest valid answer: every field empty."""
-    return closing_text("")
+    return closing_text("", fields)
 
 
-def closing_text(prefix: str) -> str | None:
+def closing_text(prefix: str, fields: Fields = CHAPTER_FIELDS) -> str | None:
     """The shortest text that closes an answer cut after `prefix` (the open string, list and object, the remaining
     fields left empty, the fence), or None where no text can: inside an escape sequence, in a list item that has no
     character yet or ends in white space, after a separator that still needs its item, or where `prefix` leaves the
     format. The text before `<|im_end|>` only; the grammar accepts `prefix + closing_text(prefix)`."""
-    scanner = AnswerScanner()
+    scanner = AnswerScanner(answer_layout(fields))
     scanner.feed(prefix)
     return scanner.closing()
 
@@ -203,13 +210,28 @@ _TAIL = "}" + CLOSE_FENCE
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
 
 
-def _empty_value(key: str) -> str:
-    return "[]" if key in LIST_KEYS else '""'
+@dataclass(frozen=True)
+class AnswerLayout:
+    """The fixed text of an answer with `fields`: what comes before each field (`pieces`), each field's empty value
+    (`empties`) and, from each field on, the rest of the answer with those fields empty (`rests`; the last is the
+    closing brace and fence alone)."""
+    fields: tuple[tuple[str, str], ...]
+    pieces: tuple[str, ...]
+    empties: tuple[str, ...]
+    rests: tuple[str, ...]
 
 
-# the fields from index i on, empty, then the closing brace and fence (i >= 1; i == 8: the brace and fence alone)
-_REST = ["".join(_skeleton_piece(j) + _empty_value(EXTRACT_KEYS[j]) for j in range(i, len(EXTRACT_KEYS))) + _TAIL
-         for i in range(len(EXTRACT_KEYS) + 1)]
+@lru_cache(maxsize=32)
+def _layout(fields: tuple[tuple[str, str], ...]) -> AnswerLayout:
+    pieces = tuple(_skeleton_piece(fields, i) for i in range(len(fields)))
+    empties = tuple('""' if kind == "text" else "[]" for _, kind in fields)
+    rests = tuple("".join(pieces[j] + empties[j] for j in range(i, len(fields))) + _TAIL
+                  for i in range(len(fields) + 1))
+    return AnswerLayout(fields, pieces, empties, rests)
+
+
+def answer_layout(fields: Fields = CHAPTER_FIELDS) -> AnswerLayout:
+    return _layout(tuple((name, kind) for name, kind in fields))
 
 
 @dataclass
@@ -223,6 +245,7 @@ class AnswerScanner:
     written), "sep" (", " written), "text" (in a text field), "tail" (in the closing brace and fence, at `pos`),
     "done", or "broken" (left the format: never under the grammar). `escape` is an escape sequence not yet
     complete."""
+    layout: AnswerLayout = dataclass_field(default_factory=answer_layout)
     mode: str = "piece"
     field: int = 0
     pos: int = 0
@@ -236,7 +259,7 @@ class AnswerScanner:
     def _step(self, ch: str) -> None:
         mode = self.mode
         if mode == "piece":
-            piece = _skeleton_piece(self.field)
+            piece = self.layout.pieces[self.field]
             if ch != piece[self.pos]:
                 self.mode = "broken"
             elif self.pos + 1 < len(piece):
@@ -244,10 +267,10 @@ class AnswerScanner:
             else:
                 self.mode, self.pos = "value", 0
         elif mode == "value":  # the value's first character
-            if EXTRACT_KEYS[self.field] in LIST_KEYS:
-                self.mode = "open" if ch == "[" else "broken"
-            else:
+            if self.layout.fields[self.field][1] == "text":
                 self.mode, self.escape = ("text", "") if ch == '"' else ("broken", "")
+            else:
+                self.mode = "open" if ch == "[" else "broken"
         elif mode == "open":
             if ch == "]":
                 self._next_field()
@@ -296,15 +319,16 @@ class AnswerScanner:
 
     def _next_field(self) -> None:
         self.field += 1
-        self.mode, self.pos = ("piece", 0) if self.field < len(EXTRACT_KEYS) else ("tail", 0)
+        self.mode, self.pos = ("piece", 0) if self.field < len(self.layout.fields) else ("tail", 0)
 
     def closing(self) -> str | None:
         """The text that closes the answer here, or None where none can."""
-        mode, rest = self.mode, _REST[min(self.field + 1, len(EXTRACT_KEYS))]
+        layout = self.layout
+        mode, rest = self.mode, layout.rests[min(self.field + 1, len(layout.fields))]
         if mode == "piece":
-            return _skeleton_piece(self.field)[self.pos:] + _empty_value(EXTRACT_KEYS[self.field]) + rest
+            return layout.pieces[self.field][self.pos:] + layout.empties[self.field] + rest
         if mode == "value":
-            return _empty_value(EXTRACT_KEYS[self.field]) + rest
+            return layout.empties[self.field] + rest
         if mode in ("open", "after"):
             return "]" + rest
         if mode == "item":  # never empty, never ending in white space (evaluation strips items)
@@ -362,8 +386,9 @@ class AnswerGrammar:
         self.matcher = xgr.GrammarMatcher(self.compiled)
 
     @classmethod
-    def for_dialogue(cls, vocabulary: Vocabulary, dialogue: str, constraint: str = "grounded") -> "AnswerGrammar":
-        return cls(vocabulary, build_ebnf(dialogue, constraint))
+    def for_dialogue(cls, vocabulary: Vocabulary, dialogue: str, constraint: str = "grounded",
+                     fields: Fields = CHAPTER_FIELDS) -> "AnswerGrammar":
+        return cls(vocabulary, build_ebnf(dialogue, constraint, fields))
 
     def fill(self, bitmask, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)

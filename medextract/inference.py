@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from utils import (DTYPES, INSTRUCTION, TRUNCATIONS, WEIGHT_FILES, append_jsonl, build_chatml_ids, check_output_path,
+from utils import (DTYPES, TRUNCATIONS, WEIGHT_FILES, append_jsonl, build_chatml_ids, check_output_path,
                    check_run_settings, count_records, cpu_computes_bf16, input_digest, iter_jsonl, load_tokenizer,
                    native_bf16, one_line, pending)
 
@@ -29,6 +29,7 @@ from .engine import Decoding, Engine, Result
 from .errors import AnswersFailed, ConfigError, InputError, MedextractError, ModelLoadError, OutputError
 from .grammar import build_vocabulary
 from .model_files import LOAD_ERRORS, check_adapter_files, check_model_files, check_vocabulary, read_json_object
+from .schema import CHAPTER_SCHEMA, Schema
 
 DEFAULT_MODEL_PATH = "output_dir_qlora/merged"  # merge_params.py's default --save_model_dir
 # Under a constraint an answer is closed before its budget runs out; the empty answer alone takes 46 tokens.
@@ -200,15 +201,22 @@ def check_generation(model_path: str, decoding: Decoding, constraint: str, trunc
 
 
 def run_settings(model_path: str, dtype: torch.dtype, decoding: Decoding, constraint: str,
-                 truncation: Truncation) -> dict:
-    """What decides the answers in a results file (the batch size and the device do not, in greedy fp32)."""
+                 truncation: Truncation, schema: Schema = CHAPTER_SCHEMA) -> dict:
+    """What decides the answers in a results file (the batch size and the device do not, in greedy fp32); a schema
+    of the user's own is recorded too (evaluate.py reads it from there)."""
     sampling = ({"top_p": decoding.top_p, "temperature": decoding.temperature, "seed": decoding.seed}
                 if decoding.do_sample else {})
     return {"model_path": os.path.realpath(model_path), "model_files": model_fingerprint(model_path),
             "dtype": str(dtype).removeprefix("torch."), "max_new_tokens": decoding.max_new_tokens,
             "do_sample": decoding.do_sample, **sampling, "repetition_penalty": decoding.repetition_penalty,
             "max_len": truncation.max_len, "max_src_len": truncation.max_src_len, "truncation": truncation.mode,
-            "constraint": constraint}
+            "constraint": constraint, **schema_setting(schema)}
+
+
+def schema_setting(schema: Schema) -> dict:
+    """A results file's record of its schema: none for the chapter's (so its files read as before), else the
+    schema whole."""
+    return {} if schema.is_chapter else {"schema": schema.to_json()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -270,12 +278,12 @@ def prompt_ids(tokenizer, user_text: str, truncation: Truncation = TRAINING_TRUN
 
 
 def dialogue_request(engine: Engine, user_text: str, instruction_chars: int, decoding: Decoding, constraint: str,
-                     truncation: Truncation, **callbacks):
+                     truncation: Truncation, schema: Schema = CHAPTER_SCHEMA, **callbacks):
     """The engine request answering `user_text` (an instruction of `instruction_chars` characters, then the
-    dialogue), and whether its prompt was cut."""
+    dialogue) with `schema`'s fields, and whether its prompt was cut."""
     return extraction_request(engine.tokenizer, user_text, user_text[instruction_chars:], decoding, constraint,
                               engine.vocabulary, truncation.max_len, truncation.max_src_len, truncation.mode,
-                              instruction_chars, **callbacks)
+                              instruction_chars, schema.fields, **callbacks)
 
 
 def cut_note(truncation: Truncation, count: int | None = None) -> str:
@@ -288,10 +296,10 @@ def cut_note(truncation: Truncation, count: int | None = None) -> str:
 
 
 def answer_dialogue(engine: Engine, dialogue: str, decoding: Decoding, constraint: str,
-                    truncation: Truncation) -> Result:
+                    truncation: Truncation, schema: Schema = CHAPTER_SCHEMA) -> Result:
     """One dialogue typed in the terminal, answered as the batch mode answers a record."""
-    request, cut = dialogue_request(engine, INSTRUCTION + dialogue, len(INSTRUCTION), decoding, constraint,
-                                    truncation)
+    request, cut = dialogue_request(engine, schema.instruction + dialogue, len(schema.instruction), decoding,
+                                    constraint, truncation, schema)
     if cut:
         print(cut_note(truncation), flush=True)
     return engine.generate([request])[0]
@@ -299,7 +307,7 @@ def answer_dialogue(engine: Engine, dialogue: str, decoding: Decoding, constrain
 
 def prepare_engine(model_path: str, device: torch.device, dtype: torch.dtype, batch_size: int, constraint: str,
                    decoding: Decoding, truncation: Truncation, input_file: str | None = None,
-                   output_file: str | None = None) -> Engine:
+                   output_file: str | None = None, schema: Schema = CHAPTER_SCHEMA) -> Engine:
     """The engine, after every input was read once: a bad input line or results line, or a results file of other
     settings, stops here with its file and line, not after minutes of loading the model."""
     try:
@@ -307,11 +315,11 @@ def prepare_engine(model_path: str, device: torch.device, dtype: torch.dtype, ba
             for path, flag in ((output_file, "--output_file"),
                                (output_file + ".settings.json", "the settings file of --output_file")):
                 check_output_path(path, flag)
-            pending_examples(input_file, output_file)
+            pending_examples(input_file, output_file, schema)
         check_model_dir_files(model_path)
         if input_file is not None:  # last: it records the settings of a new results file
             # results begun before --constraint existed were generated freely
-            check_run_settings(output_file, run_settings(model_path, dtype, decoding, constraint, truncation),
+            check_run_settings(output_file, run_settings(model_path, dtype, decoding, constraint, truncation, schema),
                                implied={"constraint": "none"})
     except MedextractError:
         raise
@@ -319,7 +327,12 @@ def prepare_engine(model_path: str, device: torch.device, dtype: torch.dtype, ba
         raise InputError(str(e)) from None
     except OSError as e:  # the settings file beside the results (a full disk, a folder made read-only)
         raise OutputError(f"{e.filename or output_file}: cannot write it ({e.strerror})") from None
-    return load_engine(model_path, device, dtype, batch_size, constraint != "none")
+    engine = load_engine(model_path, device, dtype, batch_size, constraint != "none")
+    if constraint != "none" and decoding.max_new_tokens < engine.empty_answer_tokens(schema.fields):
+        raise ConfigError(f"--max_tgt_len {decoding.max_new_tokens} is below the "
+                          f"{engine.empty_answer_tokens(schema.fields)} tokens the empty answer of this schema takes "
+                          f"under --constraint {constraint}; give more, or --constraint none")
+    return engine
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -335,15 +348,15 @@ class Example:
     output: str | None = None  # the gold answer, where the record has one (benchmarks use its length)
 
 
-def read_examples(path: str) -> list[Example]:
-    """data_helper's {instruction, input, output} lines, or bare {input} lines (the chapter's instruction is used)."""
+def read_examples(path: str, schema: Schema = CHAPTER_SCHEMA) -> list[Example]:
+    """data_helper's {instruction, input, output} lines, or bare {input} lines (the schema's instruction is used)."""
     examples = []
     try:
         for lineno, record in iter_jsonl(path):
             dialogue = record.get("input")
             if not isinstance(dialogue, str):
                 raise InputError(f"{path}:{lineno}: field 'input' (the dialogue) is missing or not a string")
-            instruction = record.get("instruction", INSTRUCTION)
+            instruction = record.get("instruction", schema.instruction)
             if not isinstance(instruction, str):
                 raise InputError(f"{path}:{lineno}: field 'instruction' is not a string")
             for name, text in (("input", dialogue), ("instruction", instruction)):
@@ -364,9 +377,10 @@ def read_examples(path: str) -> list[Example]:
     return examples
 
 
-def pending_examples(input_file: str, output_file: str) -> tuple[list[Example], list[Example], int]:
+def pending_examples(input_file: str, output_file: str,
+                     schema: Schema = CHAPTER_SCHEMA) -> tuple[list[Example], list[Example], int]:
     """The records of `input_file`, those not yet answered in `output_file`, and how many are."""
-    examples = read_examples(input_file)
+    examples = read_examples(input_file, schema)
     try:
         todo, done = pending(examples, output_file, input_file)
     except ValueError as e:  # a results line that is not one, or one of another input file
@@ -375,9 +389,11 @@ def pending_examples(input_file: str, output_file: str) -> tuple[list[Example], 
 
 
 def predict_file(engine: Engine, input_file: str, output_file: str, decoding: Decoding,
-                 truncation: Truncation = TRAINING_TRUNCATION, constraint: str = "grounded") -> None:
-    """Answer every record of `input_file` not yet in `output_file`, appending each answer as it ends."""
-    examples, todo, done = pending_examples(input_file, output_file)
+                 truncation: Truncation = TRAINING_TRUNCATION, constraint: str = "grounded",
+                 schema: Schema = CHAPTER_SCHEMA) -> None:
+    """Answer every record of `input_file` not yet in `output_file` with `schema`'s fields, appending each answer as
+    it ends."""
+    examples, todo, done = pending_examples(input_file, output_file, schema)
     print(f"{input_file}: {len(examples)} records, {done} already in {output_file}, {len(todo)} to generate",
           flush=True)
     if not todo:
@@ -385,7 +401,7 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
     requests, cut = [], 0
     for e in todo:
         request, truncated = dialogue_request(engine, e.user_text, e.instruction_chars, decoding, constraint,
-                                              truncation)
+                                              truncation, schema)
         requests.append(request)
         cut += truncated
     if cut:
@@ -424,6 +440,6 @@ def predict_file(engine: Engine, input_file: str, output_file: str, decoding: De
           + (" (closed by the constraint, still valid)" if closed and constraint != "none" else ""), flush=True)
 
 
-def examples_of(dialogues: Sequence[str]) -> list[Example]:
-    """Dialogues given as strings, as records with the chapter's instruction."""
-    return [Example(i, INSTRUCTION + d, len(INSTRUCTION)) for i, d in enumerate(dialogues)]
+def examples_of(dialogues: Sequence[str], schema: Schema = CHAPTER_SCHEMA) -> list[Example]:
+    """Dialogues given as strings, as records with the schema's instruction."""
+    return [Example(i, schema.instruction + d, len(schema.instruction)) for i, d in enumerate(dialogues)]

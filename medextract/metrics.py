@@ -13,10 +13,10 @@ import unicodedata
 from collections import Counter
 from typing import Sequence
 
-from utils import (EXTRACT_KEYS, INSTRUCTION, LIST_KEYS, TEXT_KEYS, answer_object, input_digest, iter_jsonl,
-                   normalise_fields, parse_output)
+from utils import answer_object, input_digest, iter_jsonl, normalise_fields, parse_output
 
 from .errors import InputError
+from .schema import CHAPTER_SCHEMA, Schema
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -98,8 +98,9 @@ def align(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
 
 
 def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] | None = None,
-          gold_name: str = "gold", pred_name: str = "predictions") -> dict:
-    """The report for gold records ({input, output}) and prediction records ({output[, id]}).
+          gold_name: str = "gold", pred_name: str = "predictions", schema: Schema = CHAPTER_SCHEMA) -> dict:
+    """The report for gold records ({input, output}) and prediction records ({output[, id]}), field by field of
+    `schema` (the chapter's 8 by default).
 
     `gold_ids` are the ids the predictions refer to (default 0, 1, …: the gold line index). Returns
     {"n", "json_valid_rate", "exact_match", "grounded_rate", "truncated", "fields": {key: {"precision", "recall",
@@ -110,6 +111,7 @@ def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
     """
     if not golds:
         raise InputError(f"{gold_name}: no records to evaluate")
+    keys, span_keys, text_keys = schema.keys, schema.span_keys, schema.text_keys
     if gold_ids is not None and len(gold_ids) != len(golds):
         raise InputError(f"{len(gold_ids)} gold ids for {len(golds)} gold records")
     gold_fields = []
@@ -118,26 +120,29 @@ def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
         for field in ("input", "output"):
             if not isinstance(gold.get(field), str):
                 raise InputError(f"{where}: field '{field}' is missing or not a string")
-        answer = answer_object(gold["output"])
+        answer = answer_object(gold["output"], schema.fields)
         if answer is None:
             raise InputError(f"{where}: the gold 'output' holds no JSON object")
-        missing = [k for k in EXTRACT_KEYS if k not in {str(key).strip() for key in answer}]
+        missing = [k for k in keys if k not in {str(key).strip() for key in answer}]
         if missing:
-            raise InputError(f"{where}: the gold 'output' lacks the key(s) {', '.join(missing)}")
-        gold_fields.append(normalise_fields(answer))
+            hint = "" if schema.is_chapter else " of the schema"
+            raise InputError(f"{where}: the gold 'output' lacks the key(s){hint} {', '.join(missing)}"
+                             + (" (made for another schema? evaluate.py takes --schema)" if len(missing) == len(keys)
+                                else ""))
+        gold_fields.append(normalise_fields(answer, schema.fields))
     for j, pred in enumerate(preds):
         if not isinstance(pred.get("output"), str):
             raise InputError(f"{pred_name}: prediction {j}: field 'output' is missing or not a string")
 
-    tp = {k: 0 for k in EXTRACT_KEYS}  # list fields: shared items; text fields: LCS characters
-    n_pred = {k: 0 for k in EXTRACT_KEYS}
-    n_gold = {k: 0 for k in EXTRACT_KEYS}
+    tp = {k: 0 for k in keys}  # span fields: shared items; text fields: LCS characters
+    n_pred = {k: 0 for k in keys}
+    n_gold = {k: 0 for k in keys}
     valid_count = exact_count = items = grounded = 0
     # answers the token budget ended (predict.py's "truncated"; under a constraint they were closed, still valid)
     truncated = sum(bool(p.get("truncated")) for p in preds)
     pairs = align(golds, preds, gold_ids, gold_name, pred_name)
     for i, j in pairs:  # predict.py and the baselines record which prompt each answer is for
-        recorded, instruction = preds[j].get("input_digest"), golds[i].get("instruction", INSTRUCTION)
+        recorded, instruction = preds[j].get("input_digest"), golds[i].get("instruction", schema.instruction)
         if recorded is not None and recorded != input_digest(f"{instruction}{golds[i]['input']}"):
             where = f"record {i}" if gold_ids is None else f"line {gold_ids[i] + 1}"
             which = f"the prediction with id {preds[j]['id']}" if "id" in preds[j] else f"prediction {j}"
@@ -145,10 +150,10 @@ def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
                              f"point --gold at the file the predictions came from")
     for i, j in pairs:
         dialogue, gold = golds[i]["input"], gold_fields[i]
-        pred, valid = parse_output(preds[j]["output"])
+        pred, valid = parse_output(preds[j]["output"], schema.fields)
         valid_count += valid
         exact = valid
-        for key in LIST_KEYS:
+        for key in span_keys:
             p, g = item_set(pred[key]), item_set(gold[key])
             tp[key] += len(p & g)
             n_pred[key] += len(p)
@@ -156,20 +161,20 @@ def score(golds: Sequence[dict], preds: Sequence[dict], gold_ids: Sequence[int] 
             exact = exact and p == g
             items += len(p)
             grounded += sum(item in dialogue for item in p)
-        for key in TEXT_KEYS:
+        for key in text_keys:
             p, g = squash(pred[key]), squash(gold[key])
             tp[key] += lcs_length(p, g)
             n_pred[key] += len(p)
             n_gold[key] += len(g)
             exact = exact and p == g
         exact_count += exact
-    fields = {k: prf(tp[k], n_pred[k], n_gold[k]) for k in EXTRACT_KEYS}
+    fields = {k: prf(tp[k], n_pred[k], n_gold[k]) for k in keys}
     overall = {m: sum(f[m] for f in fields.values()) / len(fields) for m in ("precision", "recall", "f1")}
-    # every extracted span of the 4 list fields counted alike, as entity-level extraction is usually scored
-    spans = prf(*(sum(counts[k] for k in LIST_KEYS) for counts in (tp, n_pred, n_gold)))
+    # every extracted span of the span fields counted alike, as entity-level extraction is usually scored
+    spans = prf(*(sum(counts[k] for k in span_keys) for counts in (tp, n_pred, n_gold)))
     n = len(pairs)
     # the list fields' items by verdict: hit (predicted and gold), extra (predicted only), missed (gold only)
-    counts = {k: {"hit": tp[k], "extra": n_pred[k] - tp[k], "missed": n_gold[k] - tp[k]} for k in LIST_KEYS}
+    counts = {k: {"hit": tp[k], "extra": n_pred[k] - tp[k], "missed": n_gold[k] - tp[k]} for k in span_keys}
     return {"n": n, "json_valid_rate": valid_count / n, "exact_match": exact_count / n,
             "grounded_rate": grounded / items if items else None, "truncated": truncated, "fields": fields,
             "overall": overall, "list_fields_micro": spans, "counts": counts}
@@ -272,7 +277,7 @@ def format_comparison(reports: dict[str, dict]) -> str:
     width = 9
     names = [f"[{k + 1}]" for k in range(len(reports))]
     lines = [f"{_ljust('F1', 10)} " + " ".join(f"{n:>{width}}" for n in names)]
-    for key in EXTRACT_KEYS:
+    for key in next(iter(reports.values()))["fields"]:
         lines.append(f"{_ljust(key, 10)} "
                      + " ".join(f"{r['fields'][key]['f1']:>{width}.4f}" for r in reports.values()))
     lines.append("-" * (11 + (width + 1) * len(reports)))

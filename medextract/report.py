@@ -14,9 +14,10 @@ import html
 from dataclasses import dataclass
 from typing import Sequence
 
-from utils import LIST_KEYS, TEXT_KEYS, parse_output
+from utils import parse_output
 
 from .metrics import align, item_set, lcs_alignment, score, squash
+from .schema import CHAPTER_SCHEMA, Schema
 
 VERDICTS = ("hit", "extra", "missed")
 MAX_DIFF_CELLS = 4_000_000  # above this gold x predicted length a text field is shown without per-character marks
@@ -32,34 +33,35 @@ class Column:
 
 
 def build_html(golds: Sequence[dict], gold_ids: Sequence[int], predictions: dict[str, Sequence[dict]],
-               reports: dict[str, dict], gold_name: str) -> str:
-    """The page for gold records and, per prediction file (in order), its records and its report."""
+               reports: dict[str, dict], gold_name: str, schema: Schema = CHAPTER_SCHEMA) -> str:
+    """The page for gold records and, per prediction file (in order), its records and its report, field by field of
+    `schema`."""
     names = list(predictions)
     columns: list[list[Column | None]] = [[None] * len(names) for _ in golds]
     for k, name in enumerate(names):
         preds = predictions[name]
         for i, j in align(golds, preds, gold_ids, gold_name, name):
-            fields, valid = parse_output(preds[j]["output"])
-            f1 = score([golds[i]], [{"output": preds[j]["output"]}])["overall"]["f1"]
+            fields, valid = parse_output(preds[j]["output"], schema.fields)
+            f1 = score([golds[i]], [{"output": preds[j]["output"]}], schema=schema)["overall"]["f1"]
             columns[i][k] = Column(fields, valid, bool(preds[j].get("truncated")), f1)
     order = sorted(range(len(golds)), key=lambda i: (columns[i][0].f1, gold_ids[i]))
-    body = [_summary(reports, names, gold_name, len(golds)),
+    body = [_summary(reports, names, gold_name, len(golds), schema),
             LEGEND,
             '<p id="order">Order: <button type="button" data-order="f1">worst first</button> '
             '<button type="button" data-order="id">by id</button></p>',
             '<section id="dialogues">']
     for i in order:
-        gold_fields, _ = parse_output(golds[i]["output"])
-        body.append(_dialogue(gold_ids[i], golds[i]["input"], gold_fields, columns[i], names))
+        gold_fields, _ = parse_output(golds[i]["output"], schema.fields)
+        body.append(_dialogue(gold_ids[i], golds[i]["input"], gold_fields, columns[i], names, schema))
     body.append("</section>")
     return PAGE.format(title=html.escape(f"Extraction report: {', '.join(names)}"), body="\n".join(body))
 
 
-def _summary(reports: dict[str, dict], names: list[str], gold_name: str, n: int) -> str:
+def _summary(reports: dict[str, dict], names: list[str], gold_name: str, n: int, schema: Schema) -> str:
     head = "".join(f'<th colspan="3" title="{html.escape(name)}">[{k + 1}]</th>' for k, name in enumerate(names))
     sub = "<th>P</th><th>R</th><th>F1</th>" * len(names)
     rows = []
-    keys = [(key, lambda r, key=key: r["fields"][key]) for key in (*LIST_KEYS, *TEXT_KEYS)]
+    keys = [(html.escape(key), lambda r, key=key: r["fields"][key]) for key in schema.keys]
     keys += [("macro avg", lambda r: r["overall"]), ("list micro", lambda r: r["list_fields_micro"])]
     for label, pick in keys:
         cells = "".join(f"<td>{pick(reports[name])[m]:.4f}</td>" for name in names
@@ -79,28 +81,31 @@ def _summary(reports: dict[str, dict], names: list[str], gold_name: str, n: int)
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def _dialogue(gold_id: int, dialogue: str, gold: dict, columns: list[Column | None], names: list[str]) -> str:
+def _dialogue(gold_id: int, dialogue: str, gold: dict, columns: list[Column | None], names: list[str],
+              schema: Schema) -> str:
     f1s = " · ".join(f"[{k + 1}] F1 {c.f1:.2f}" for k, c in enumerate(columns) if c is not None)
     parts = [f'<article class="dialogue" data-id="{gold_id}" data-f1="{columns[0].f1:.6f}">',
              f"<h2>id {gold_id} <small>{f1s}</small></h2>", '<div class="columns">']
     for k, column in enumerate(columns):
-        parts.append(_column(k, names[k], dialogue, gold, column))
+        parts.append(_column(k, names[k], dialogue, gold, column, schema))
     parts.append("</div></article>")
     return "\n".join(parts)
 
 
-def _column(k: int, name: str, dialogue: str, gold: dict, column: Column) -> str:
+def _column(k: int, name: str, dialogue: str, gold: dict, column: Column, schema: Schema) -> str:
     flags = ("valid JSON" if column.valid else "not valid JSON") + (" · cut at the budget" if column.truncated else "")
-    verdicts = {key: verdict_items(column.fields[key], gold[key]) for key in LIST_KEYS}
+    verdicts = {key: verdict_items(column.fields[key], gold[key]) for key in schema.span_keys}
     rows = []
-    for key in LIST_KEYS:
-        items = "".join(f'<span class="item {v}" data-field="{key}" data-verdict="{v}">{html.escape(text)}</span>'
-                        for v in VERDICTS for text in verdicts[key][v])
-        rows.append(f'<tr data-field="{key}"><th>{key}</th><td>{items or "<i>none</i>"}</td></tr>')
-    for key in TEXT_KEYS:
+    for key, kind in schema.fields:  # in the schema's order
+        shown = html.escape(key)
+        if kind == "spans":
+            items = "".join(f'<span class="item {v}" data-field="{shown}" data-verdict="{v}">{html.escape(text)}'
+                            f'</span>' for v in VERDICTS for text in verdicts[key][v])
+            rows.append(f'<tr data-field="{shown}"><th>{shown}</th><td>{items or "<i>none</i>"}</td></tr>')
+            continue
         gold_html, pred_html = text_diff(squash(gold[key]), squash(column.fields[key]))
-        rows.append(f'<tr data-field="{key}"><th>{key}</th><td><div class="pair"><div class="gold" title="gold">'
-                    f'{gold_html or "<i>empty</i>"}</div><div class="pred" title="predicted">'
+        rows.append(f'<tr data-field="{shown}"><th>{shown}</th><td><div class="pair"><div class="gold" '
+                    f'title="gold">{gold_html or "<i>empty</i>"}</div><div class="pred" title="predicted">'
                     f'{pred_html or "<i>empty</i>"}</div></div></td></tr>')
     return (f'<div class="column" data-file="{k}"><h3>[{k + 1}] {html.escape(name)} <small>F1 {column.f1:.2f} · '
             f'{flags}</small></h3><pre class="text">{marked_dialogue(dialogue, verdicts)}</pre>'
@@ -129,8 +134,8 @@ def marked_dialogue(dialogue: str, verdicts: dict[str, dict[str, list[str]]]) ->
         if start < at:
             continue
         out.append(html.escape(dialogue[at:start]))
-        out.append(f'<mark class="{verdict}" data-field="{key}" data-mark="{verdict}" data-start="{start}" '
-                   f'data-end="{end}">{html.escape(dialogue[start:end])}</mark>')
+        out.append(f'<mark class="{verdict}" data-field="{html.escape(key)}" data-mark="{verdict}" '
+                   f'data-start="{start}" data-end="{end}">{html.escape(dialogue[start:end])}</mark>')
         at = end
     out.append(html.escape(dialogue[at:]))
     return "".join(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from utils import parse_output
+from utils import CHAPTER_FIELDS, Fields, parse_output
 
 from .engine import Result
 
@@ -31,7 +31,7 @@ def read_dialogue(read_line: Callable[[str], str] | None = None) -> str | None:
         lines.append(line.rstrip("\r"))
 
 
-def show_answer(answer: Result | str) -> None:
+def show_answer(answer: Result | str, fields: Fields = CHAPTER_FIELDS) -> None:
     if isinstance(answer, Result) and answer.finish_reason == "error":
         print(f"No answer: {answer.text}")
         return
@@ -39,9 +39,9 @@ def show_answer(answer: Result | str) -> None:
     if isinstance(answer, Result) and answer.truncated:
         print("(The answer reached --max_tgt_len" + (" and was closed there.)" if answer.text.endswith("```")
                                                       else ".)"))
-    fields, valid = parse_output(text)
+    parsed, valid = parse_output(text, fields)
     if valid:
-        print(json.dumps(fields, ensure_ascii=False, indent=2))
+        print(json.dumps(parsed, ensure_ascii=False, indent=2))
     else:
         print("The answer is not valid JSON; the model wrote:")
         print(text)
