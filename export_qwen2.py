@@ -13,8 +13,11 @@ rotary with base 10000 and the untied head are the same. The output directory ho
 - tokenizer.json built by transformers' own tiktoken converter with Qwen's split pattern and an NFC normaliser, and
   tokenizer_config.json with a ChatML chat template whose default system prompt is training's, so
   `apply_chat_template(messages, add_generation_prompt=True)` gives the ids predict.py builds;
-- instruction.txt: the extraction instruction (utils.INSTRUCTION, UTF-8), which a user message puts before the
-  dialogue, so a client with no project code sends the prompt the model was trained on;
+- instruction.txt: the extraction instruction (the schema's; the chapter's utils.INSTRUCTION by default; UTF-8),
+  which a user message puts before the dialogue, so a client with no project code sends the prompt the model was
+  trained on;
+- schema.json, the fields the model answers, if the source has one (train.py --schema, carried on by
+  merge_params.py) or --schema names one; none means the chapter's eight fields;
 - the run's train_args.json if the source has one, and export_info.json (what the self-check measured).
 
 Before anything is put in place, a fresh interpreter that cannot import this project (`python -I`, another working
@@ -43,14 +46,16 @@ import unicodedata
 import torch
 from safetensors.torch import save_file
 
+from medextract.cli import add_schema_argument
 from medextract.model_files import LOAD_ERRORS, RANDOM_WEIGHTS_KEY, check_model_files, check_vocabulary
+from medextract.schema import SCHEMA_FILE, model_schema, resolve_schema
 from utils import (INSTRUCTION, SYSTEM_PROMPT, WEIGHT_FILES, HelpFormatter, apply_usual_permissions,
                    build_chatml_ids, check_output_path, fail, load_tokenizer, one_line, replace_dir,
                    silence_library_deprecations)
 
 PROG = "export_qwen2.py"
 
-INSTRUCTION_FILE = "instruction.txt"  # utils.INSTRUCTION, for clients without this project's code
+INSTRUCTION_FILE = "instruction.txt"  # the schema's instruction, for clients without this project's code
 FP32_TOLERANCE = 1e-5  # largest |stock - ours| fp32 logit gap the self-check accepts
 # Modules of this project: the self-check's interpreter must find none of them
 PROJECT_MODULES = ("qwen1_8", "utils", "medextract", "export_qwen2", "predict", "train", "merge_params")
@@ -83,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="replace a non-empty --output_dir that holds a model (an earlier export)")
     paths.add_argument("--max_shard_size", default="5GB",
                        help="largest safetensors shard, e.g. 2GB or 500MB (GB = 10^9 bytes, GiB = 2^30)")
+    add_schema_argument(paths, help="the schema file a model trained elsewhere answers, saved in the export as "
+                                    "schema.json (its instruction in instruction.txt); default: the model's "
+                                    "schema.json, else the chapter's eight fields")
     return parser.parse_args(argv)
 
 
@@ -102,10 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
     try:
         with tempfile.TemporaryDirectory(prefix="export-qwen2-check-") as work_dir:
-            dtype = write_model(args.model_path, config, tokenizer, tmp, work_dir, args.max_shard_bytes)
+            dtype = write_model(args.model_path, config, tokenizer, tmp, work_dir, args.max_shard_bytes,
+                                args.answer_schema.instruction)
             write_tokenizer(tokenizer, config, tmp)
             with open(os.path.join(tmp, INSTRUCTION_FILE), "w", encoding="utf-8") as f:
-                f.write(INSTRUCTION)
+                f.write(args.answer_schema.instruction)
+            if args.schema or model_schema(args.model_path) is not None:  # the fields the model answers
+                with open(os.path.join(tmp, SCHEMA_FILE), "w", encoding="utf-8") as f:
+                    f.write(args.answer_schema.text())
             run_args = os.path.join(args.model_path, "train_args.json")  # the run's lengths, for whoever serves it
             if os.path.isfile(run_args):
                 shutil.copyfile(run_args, os.path.join(tmp, "train_args.json"))
@@ -182,6 +194,10 @@ def validate(args: argparse.Namespace) -> None:
         check_vocabulary(path)
     except LOAD_ERRORS as e:
         fail(PROG, one_line(e))
+    try:
+        args.answer_schema = resolve_schema(path, args.schema)
+    except ValueError as e:
+        fail(PROG, str(e))
 
 
 def parse_size(text: str) -> int:
@@ -315,10 +331,11 @@ def generation_config():
                             max_new_tokens=defaults.max_new_tokens)
 
 
-def write_model(model_path: str, config, tokenizer, out_dir: str, work_dir: str,
-                max_shard_bytes: int) -> torch.dtype:
+def write_model(model_path: str, config, tokenizer, out_dir: str, work_dir: str, max_shard_bytes: int,
+                instruction: str = INSTRUCTION) -> torch.dtype:
     """Weights, config.json and generation_config.json into out_dir; our model's reference outputs (ids and logits,
-    in fp32 and in the source dtype) into work_dir for the self-check. Returns the source dtype."""
+    in fp32 and in the source dtype, on a prompt with `instruction`) into work_dir for the self-check. Returns the
+    source dtype."""
     from qwen1_8.modeling_qwen import QWenLMHeadModel
 
     print("  loading the source model", flush=True)
@@ -330,7 +347,7 @@ def write_model(model_path: str, config, tokenizer, out_dir: str, work_dir: str,
     generation_config().save_pretrained(out_dir)
 
     print("  computing this project's reference logits", flush=True)
-    expected, tensors = reference_inputs(tokenizer)
+    expected, tensors = reference_inputs(tokenizer, instruction)
     with torch.no_grad():
         if dtype != torch.float32:
             for probe in ("prompt", "random"):
@@ -362,10 +379,11 @@ def qwen2_config_json(config, dtype: torch.dtype) -> str:
     return json.dumps(q2, indent=2, sort_keys=True) + "\n"
 
 
-def reference_inputs(tokenizer) -> tuple[dict, dict[str, torch.Tensor]]:
+def reference_inputs(tokenizer, instruction: str = INSTRUCTION) -> tuple[dict, dict[str, torch.Tensor]]:
     """What the self-check compares: our ids of PROBE_TEXTS (content is text: allowed_special=set()), the generation
-    prompt of the instruction + probe dialogue as a chat message, and two id sequences to compute logits on."""
-    messages = [{"role": "user", "content": INSTRUCTION + PROBE_DIALOGUE}]
+    prompt of the instruction (the schema's) + probe dialogue as a chat message, and two id sequences to compute
+    logits on."""
+    messages = [{"role": "user", "content": instruction + PROBE_DIALOGUE}]
     prompt = build_chatml_ids(tokenizer, messages[0]["content"], None, max_len=2048, max_src_len=1560).input_ids
     generator = torch.Generator().manual_seed(0)
     random_ids = torch.randint(0, tokenizer.eod_id, (1, 64), generator=generator)  # ordinary tokens only

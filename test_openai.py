@@ -26,6 +26,10 @@ the grammar it was sent: its record says `follows_grammar`, and the run ends by 
 
     python test_openai.py --base_url http://127.0.0.1:8000/v1 --model merged --constraint grounded \\
         --input_file data/test.json --output_file predictions_vllm.jsonl
+
+Fields of your own: `--schema my_schema.json` puts its instruction before each dialogue (records without one of
+their own), builds the grammar for its fields and reads the answers with them; the settings file records it, so
+evaluate.py scores the predictions on its fields by itself.
 """
 from __future__ import annotations
 
@@ -45,11 +49,13 @@ from typing import Callable, Sequence
 import openai
 from tqdm import tqdm
 
+from medextract.cli import add_schema_argument
 from medextract.decoding import Decoding
 from medextract.grammar import CONSTRAINTS
-from medextract.inference import Example, read_examples
+from medextract.inference import Example, implied_schema, read_examples, schema_setting
+from medextract.schema import CHAPTER_SCHEMA, Schema, load_schema
 from medextract.terminal import interactive, show_answer
-from utils import (INSTRUCTION, SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_output_path, check_run_settings,
+from utils import (SYSTEM_PROMPT, HelpFormatter, append_jsonl, check_output_path, check_run_settings,
                    count_records, exclusive_output, fail, input_digest, pending)
 
 PROG = "test_openai.py"
@@ -82,6 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="send each dialogue's answer grammar as vLLM takes it (structured_outputs.grammar; vLLM "
                           ">= 0.12, serve.py) and count the answers that break it; grounded: list items copied from "
                           "the dialogue; schema: the format only; none: no grammar (OpenAI takes none)")
+    add_schema_argument(gen, help="a schema file (JSON: {\"fields\": [{\"name\", \"kind\": \"spans\" or \"text\"}, "
+                                  "…], \"instruction\"}) naming the fields to ask for: its instruction, grammar and "
+                                  "parser; recorded with the results; default: the chapter's eight fields")
 
     batch = parser.add_argument_group("batch mode")
     batch.add_argument("--input_file", type=str, default=None,
@@ -123,22 +132,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        schema = load_schema(args.schema) if args.schema else CHAPTER_SCHEMA
+    except ValueError as e:
+        fail(PROG, e)
     client = build_client(args.base_url, args.timeout)
     settings = Settings(model=args.model, temperature=args.temperature, max_tokens=args.max_tokens,
                         json_mode=args.json_mode, max_retries=args.max_retries,
                         retry_base_delay=args.retry_base_delay, constraint=args.constraint)
-    checker = GrammarChecker(args.constraint) if args.constraint != "none" else None
+    checker = GrammarChecker(args.constraint, schema) if args.constraint != "none" else None
     if args.input_file is None:
-        return interactive(lambda dialogue: answer_or_none(client, INSTRUCTION + dialogue, dialogue, settings,
-                                                           checker), show)
+        return interactive(lambda dialogue: answer_or_none(client, schema.instruction + dialogue, dialogue, settings,
+                                                           checker),
+                           lambda text: show(text, schema))
     try:
         with exclusive_output(args.output_file):  # one writer per results file, from its first read to the end
-            examples = read_examples(args.input_file)
+            examples = read_examples(args.input_file, schema)
             pending(examples, args.output_file, args.input_file)  # a bad or foreign results file stops here
+            # the schema is recorded for evaluate.py; a file that records none was made with the chapter's
             check_run_settings(args.output_file, {"endpoint": endpoint(client), "model": args.model,
                                                   "temperature": args.temperature, "max_tokens": args.max_tokens,
-                                                  "json_mode": args.json_mode, "constraint": args.constraint},
-                               implied={"constraint": "none"})
+                                                  "json_mode": args.json_mode, "constraint": args.constraint,
+                                                  **schema_setting(schema)},
+                               implied={"constraint": "none", **implied_schema(schema)})
             failures = request_file(client, examples, args.output_file, settings, args.concurrency,
                                     source=args.input_file, checker=checker)
     except ValueError as e:
@@ -415,21 +431,22 @@ def answer_or_none(client: openai.OpenAI, user_text: str, dialogue: str, setting
 
 
 class GrammarChecker:
-    """The answer grammar of a dialogue (grammar.build_ebnf) and the check that an answer follows it, through
-    xgrammar with Qwen's vocabulary (the packaged qwen.tiktoken: no model is needed)."""
+    """The answer grammar of a dialogue with the schema's fields (grammar.build_ebnf) and the check that an answer
+    follows it, through xgrammar with Qwen's vocabulary (the packaged qwen.tiktoken: no model is needed)."""
 
-    def __init__(self, constraint: str):
+    def __init__(self, constraint: str, schema: Schema = CHAPTER_SCHEMA):
         from medextract.grammar import build_vocabulary
         from qwen1_8.tokenization_qwen import QWenTokenizer, packaged_vocab_file
 
         self.constraint = constraint
+        self.fields = schema.fields
         self.vocabulary = build_vocabulary(QWenTokenizer(vocab_file=packaged_vocab_file()))
         self.lock = threading.Lock()  # answers arrive on worker threads
 
     def ebnf(self, dialogue: str) -> str:
         from medextract.grammar import build_ebnf
 
-        return build_ebnf(dialogue, self.constraint)
+        return build_ebnf(dialogue, self.constraint, self.fields)
 
     def follows(self, ebnf: str, answer: str) -> bool:
         """Whether the whole answer is one the grammar produces (the text, complete; the end token is the server's)."""
@@ -443,9 +460,9 @@ class GrammarChecker:
                 return False
 
 
-def show(text: str | None) -> None:
+def show(text: str | None, schema: Schema = CHAPTER_SCHEMA) -> None:
     if text is not None:
-        show_answer(text)
+        show_answer(text, schema.fields)
 
 
 if __name__ == "__main__":

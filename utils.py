@@ -580,10 +580,10 @@ def check_run_settings(output_file: str, settings: dict, implied: dict | None = 
                 raise ValueError(f"{path}: not valid JSON ({e.msg}); delete it to resume with the current "
                                  f"settings") from None
         before = {**(implied or {}), **before}
-        changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in settings.items()
+        changed = [f"{key} {_setting(before[key])} -> {_setting(value)}" for key, value in settings.items()
                    if key in before and before[key] != value]
         # keys this run does not have: another program's file (predict.py's model_path, test_openai.py's endpoint)
-        changed += [f"{key} {before[key]!r} -> (none)" for key in before if key not in settings]
+        changed += [f"{key} {_setting(before[key])} -> (none)" for key in before if key not in settings]
         if changed:
             raise ValueError(f"{output_file} was begun with other settings ({'; '.join(changed)}); resume it with "
                              f"the same ones, or write to another output file")
@@ -595,6 +595,13 @@ def check_run_settings(output_file: str, settings: dict, implied: dict | None = 
                          f"so they cannot be resumed; write to another output file, or delete {output_file} to "
                          f"start over")
     atomic_write_text(path, json.dumps(settings, ensure_ascii=False, indent=2) + "\n")
+
+
+def _setting(value: object, limit: int = 100) -> str:
+    """A recorded setting in an error message: a long structure (a schema, with its instruction) cut to its start,
+    where its fields are; a path or a name whole."""
+    text = repr(value)
+    return text[:limit - 3] + "..." if isinstance(value, (dict, list)) and len(text) > limit else text
 
 
 # --------------------------------------------------------------------------------------------------------------

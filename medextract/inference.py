@@ -219,6 +219,12 @@ def schema_setting(schema: Schema) -> dict:
     return {} if schema.is_chapter else {"schema": schema.to_json()}
 
 
+def implied_schema(schema: Schema) -> dict:
+    """For utils.check_run_settings' `implied`: a results file that records no schema was made with the chapter's,
+    so a run with another one is refused rather than added to it (a chapter run records none, so it implies none)."""
+    return {} if schema.is_chapter else {"schema": CHAPTER_SCHEMA.to_json()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def prepare_engine(model_path: str, device: torch.device, dtype: torch.dtype, ba
         if input_file is not None:  # last: it records the settings of a new results file
             # results begun before --constraint existed were generated freely
             check_run_settings(output_file, run_settings(model_path, dtype, decoding, constraint, truncation, schema),
-                               implied={"constraint": "none"})
+                               implied={"constraint": "none", **implied_schema(schema)})
     except MedextractError:
         raise
     except ValueError as e:

@@ -2,7 +2,8 @@
 and exported, then loaded by stock transformers in a process that cannot import this project: fp32 logits equal ours,
 greedy decoding equals ours, a left-padded batch equals its rows alone. The tokenizer gives our ids on every dialogue
 of data/all.json, on strings built to split differently and on the vocabulary itself, and its chat template gives
-build_chatml_ids's prompt. The 1.8B layout is checked on meta tensors; refusals and interruptions leave nothing."""
+build_chatml_ids's prompt. A model's schema.json travels into the export, its instruction into instruction.txt.
+The 1.8B layout is checked on meta tensors; refusals and interruptions leave nothing."""
 import json
 import os
 import random
@@ -17,10 +18,13 @@ from safetensors.torch import load_file
 
 import export_qwen2
 import merge_params
+from medextract.schema import CHAPTER_SCHEMA, SCHEMA_FILE, load_schema, schema_from_json
 from utils import INSTRUCTION, build_chatml_ids, format_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+THREE = schema_from_json({"fields": [{"name": "症状", "kind": "spans"}, {"name": "药品名称", "kind": "spans"},
+                                     {"name": "诊断结果", "kind": "text"}]}, "three.json")
 
 # Run by the stock interpreter (`python -I`, cwd elsewhere, no PYTHONPATH): only the standard library, torch,
 # safetensors and transformers. Reads ids from inputs.json, writes its logits and generations to stock.safetensors.
@@ -111,6 +115,8 @@ def test_export_files_dtype_and_permissions(trained):
             "export_info.json", "model.safetensors.index.json", "instruction.txt"} <= files
     with open(os.path.join(export, "instruction.txt"), encoding="utf-8") as f:
         assert f.read() == INSTRUCTION  # what a client with no project code puts before the dialogue
+    assert load_schema(os.path.join(export, SCHEMA_FILE)) == load_schema(os.path.join(merged, SCHEMA_FILE)) \
+        == CHAPTER_SCHEMA  # train.py's, carried by merge_params.py and on into the export
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     assert len(shards) >= 2 and not [f for f in files if f.endswith((".py", ".bin", ".tiktoken"))]
     for shard in shards:
@@ -302,6 +308,45 @@ def test_refusals_leave_everything_as_it_was(tiny_ckpt, trained, tmp_path):
         export_qwen2.main(["--model_path", tiny_ckpt, "--output_dir", os.path.join(tiny_ckpt, "qwen2")])
     assert not os.path.exists(tmp_path / "x")
     assert export_qwen2.parse_size("2GB") == 2 * 10**9 and export_qwen2.parse_size("1.5 MiB") == 1572864
+
+
+def model_with_schema(tiny_ckpt: str, directory, schema) -> str:
+    """tiny_ckpt's files (linked, not copied) in `directory`, with `schema` as its schema.json."""
+    directory.mkdir()
+    for name in os.listdir(tiny_ckpt):
+        os.symlink(os.path.join(tiny_ckpt, name), directory / name)
+    (directory / SCHEMA_FILE).write_text(schema.text(), encoding="utf-8")
+    return str(directory)
+
+
+def test_the_export_carries_the_models_schema(tiny_ckpt, tmp_path):
+    """schema.json equal to the model's, its instruction in instruction.txt and in the self-check's chat prompt."""
+    model = model_with_schema(tiny_ckpt, tmp_path / "model", THREE)
+    export = tmp_path / "export"
+    export_qwen2.main(["--model_path", model, "--output_dir", str(export)])
+    assert load_schema(str(export / SCHEMA_FILE)) == THREE
+    assert (export / SCHEMA_FILE).read_text(encoding="utf-8") == THREE.text()
+    assert (export / "instruction.txt").read_text(encoding="utf-8") == THREE.instruction
+    with open(export / "export_info.json", encoding="utf-8") as f:
+        assert json.load(f)["check"]["prompt_ids_equal"]
+
+
+def test_a_schema_other_than_the_models_is_refused_in_one_line(tiny_ckpt, tmp_path, capsys):
+    model = model_with_schema(tiny_ckpt, tmp_path / "model", THREE)
+    other = tmp_path / "other.json"
+    other.write_text(CHAPTER_SCHEMA.text(), encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        export_qwen2.main(["--model_path", model, "--output_dir", str(tmp_path / "out"), "--schema", str(other)])
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("export_qwen2.py: error: --schema ")
+    assert f"differs from the schema {os.path.join(model, SCHEMA_FILE)} the model was trained with" in message
+    assert "症状 (spans), 药品名称 (spans), 诊断结果 (text)" in message
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"fields": []}', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"^export_qwen2.py: error: --schema .*bad.json: \"fields\" must be a "
+                                         r"non-empty list"):
+        export_qwen2.main(["--model_path", tiny_ckpt, "--output_dir", str(tmp_path / "out"), "--schema", str(bad)])
+    assert sorted(os.listdir(tmp_path)) == ["bad.json", "model", "other.json"]
 
 
 def test_the_self_check_catches_a_wrong_mapping_and_the_converters_digit_pattern(tiny_ckpt, tmp_path, monkeypatch):

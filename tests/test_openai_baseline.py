@@ -17,8 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai
 import pytest
 
+import evaluate
 import test_openai as baseline
 from medextract.grammar import build_ebnf, empty_answer
+from medextract.schema import load_schema
 from utils import INSTRUCTION, SYSTEM_PROMPT, format_output, input_digest
 
 SECRET = "sk-test-do-not-leak-8f3a91c2"
@@ -431,7 +433,21 @@ def test_a_second_ctrl_c_leaves_at_once(server, tmp_path):
     assert "left without them" in err and "Traceback" not in err and SECRET not in out + err
 
 
-def test_constraint_sends_the_grammar_and_counts_answers_that_break_it(server, api_key, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def vocabulary(tokenizer):
+    from medextract.grammar import build_vocabulary
+
+    return build_vocabulary(tokenizer)
+
+
+@pytest.fixture
+def one_vocabulary(vocabulary, monkeypatch):
+    """GrammarChecker's vocabulary (Qwen's, the conftest tokenizer's), built once for this module: it takes seconds."""
+    monkeypatch.setattr("medextract.grammar.build_vocabulary", lambda tokenizer: vocabulary)
+
+
+def test_constraint_sends_the_grammar_and_counts_answers_that_break_it(server, api_key, tmp_path, capfd,
+                                                                        one_vocabulary):
     """--constraint grounded: each request carries its dialogue's grammar as vLLM takes it; this server ignores it
     (as a server that does not know the field may), so the answers that break it are flagged and counted."""
     write_input(tmp_path / "in.jsonl", ["OBEYS", "IGNORES"])
@@ -451,6 +467,75 @@ def test_constraint_sends_the_grammar_and_counts_answers_that_break_it(server, a
                           "--retry_base_delay", "0.001"]) == 0
     assert "structured_outputs" not in server.bodies[0]
     assert "follows_grammar" not in read_output(tmp_path / "free.jsonl")[0]
+
+
+# a field the chapter does not have, one it has, and a text field (tests/test_schema.py's)
+THREE = {"fields": [{"name": "症状", "kind": "spans"}, {"name": "药品名称", "kind": "spans"},
+                    {"name": "诊断结果", "kind": "text"}]}
+
+
+def test_a_schema_of_ones_own_drives_the_prompt_grammar_record_and_scoring(server, api_key, tmp_path, capsys,
+                                                                            one_vocabulary):
+    """--schema: bare {input} records get its instruction, the grammar sent is its fields', the settings file records
+    it, and evaluate.py (no --schema) scores the file on exactly its fields."""
+    (tmp_path / "three.json").write_text(json.dumps(THREE, ensure_ascii=False), encoding="utf-8")
+    schema = load_schema(str(tmp_path / "three.json"))
+    with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:  # bare dialogues with gold answers: also the gold
+        for marker in ("AAAA", "BBBB"):
+            gold = {"症状": ["头疼"], "药品名称": [marker], "诊断结果": "感冒"}
+            f.write(json.dumps({"input": dialogue(marker), "output": format_output(gold, schema.fields)},
+                               ensure_ascii=False) + "\n")
+    assert run(server, tmp_path, "--schema", str(tmp_path / "three.json"), "--constraint", "schema") == 0
+    for body in server.bodies:
+        text = body["messages"][1]["content"]
+        assert text.startswith(schema.instruction) and text != INSTRUCTION + text[len(schema.instruction):]
+        assert body["structured_outputs"]["grammar"] == build_ebnf(text[len(schema.instruction):], "schema",
+                                                                   schema.fields)
+    with open(tmp_path / "out.jsonl.settings.json", encoding="utf-8") as f:
+        assert json.load(f)["schema"] == schema.to_json()
+    capsys.readouterr()
+    assert evaluate.main(["--gold", str(tmp_path / "in.jsonl"), "--pred", str(tmp_path / "out.jsonl"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["fields"]) == ["症状", "药品名称", "诊断结果"]
+    assert report["fields"]["药品名称"]["f1"] == 1.0 and report["fields"]["症状"]["recall"] == 0.0
+
+
+def test_a_results_file_is_resumed_with_the_schema_it_was_begun_with(server, api_key, tmp_path):
+    """Records with an instruction of their own ask the same prompt under any schema, so only the settings file
+    tells a file begun with the chapter's fields from one begun with others; either way round, nothing is asked."""
+    (tmp_path / "three.json").write_text(json.dumps(THREE, ensure_ascii=False), encoding="utf-8")
+    write_input(tmp_path / "in.jsonl", ["AAAA", "BBBB"])
+    for first, then in (([], ["--schema", str(tmp_path / "three.json")]), (["--schema", str(tmp_path / "three.json")],
+                                                                             [])):
+        assert run(server, tmp_path, *first) == 0
+        kept = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n"
+        (tmp_path / "out.jsonl").write_text(kept, encoding="utf-8")  # one answer missing: a rerun would ask for it
+        asked = len(server.bodies)
+        with pytest.raises(SystemExit, match=r"out\.jsonl was begun with other settings \(schema .*症状"):
+            run(server, tmp_path, *then)
+        assert len(server.bodies) == asked
+        for path in (tmp_path / "out.jsonl", tmp_path / "out.jsonl.settings.json"):
+            path.unlink()
+
+
+def test_a_bad_schema_file_is_one_line(server, api_key, tmp_path):
+    (tmp_path / "bad.json").write_text('{"fields": [{"name": "症状", "kind": "span"}]}', encoding="utf-8")
+    for path, words in ((tmp_path / "bad.json", 'field 1 \\(症状\\): unknown kind "span"'),
+                        (tmp_path / "none.json", "no such file")):
+        with pytest.raises(SystemExit, match=rf"^test_openai\.py: error: --schema .*{path.name}: {words}[^\n]*$"):
+            baseline.main(["--base_url", server.base_url, "--schema", str(path)])
+    assert server.bodies == []
+
+
+def test_interactive_mode_with_a_schema(server, api_key, tmp_path, monkeypatch, capsys):
+    (tmp_path / "three.json").write_text(json.dumps(THREE, ensure_ascii=False), encoding="utf-8")
+    lines = iter(["患者: 头疼 ZZZZ", "", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert baseline.main(["--base_url", server.base_url, "--schema", str(tmp_path / "three.json")]) == 0
+    assert server.bodies[0]["messages"][1]["content"] == load_schema(str(tmp_path / "three.json")).instruction + \
+        "患者: 头疼 ZZZZ\n"
+    shown = capsys.readouterr().out  # read with the schema's fields: the missing 症状 is shown empty
+    assert json.dumps({"症状": [], "药品名称": ["ZZZZ"], "诊断结果": "感冒"}, ensure_ascii=False, indent=2) in shown
 
 
 class EchoingServer:

@@ -369,6 +369,30 @@ def test_untuned_baseline_batch_mode(tiny_ckpt, tmp_path, capsys):
         assert all(item in DIALOGUES[r["id"]] for key in LIST_KEYS for item in fields[key])
 
 
+def test_untuned_baseline_answers_the_fields_of_a_schema(tiny_ckpt, tmp_path):
+    """test_qwen.py --schema: the model, which has no schema.json, answers the file's fields, in its order, and the
+    settings file records the schema (evaluate.py scores those fields from there)."""
+    import test_qwen
+    from medextract.schema import load_schema
+
+    (tmp_path / "three.json").write_text(json.dumps({"fields": [
+        {"name": "症状", "kind": "spans"}, {"name": "药品名称", "kind": "spans"}, {"name": "诊断结果", "kind": "text"}]},
+        ensure_ascii=False), encoding="utf-8")
+    schema = load_schema(str(tmp_path / "three.json"))
+    write_lines(tmp_path / "test.json", [{"input": DIALOGUES[0]}])
+    assert test_qwen.main(["--model_path", tiny_ckpt, "--device", "cpu", "--schema", str(tmp_path / "three.json"),
+                           "--input_file", str(tmp_path / "test.json"), "--output_file", str(tmp_path / "base.jsonl"),
+                           "--max_tgt_len", "64"]) == 0
+    [record] = read_lines(tmp_path / "base.jsonl")
+    assert record["input_digest"] == input_digest(schema.instruction + DIALOGUES[0])
+    assert list(json.loads(record["output"].removeprefix("```json\n").removesuffix("\n```"))) == \
+        ["症状", "药品名称", "诊断结果"]  # as the grammar wrote them
+    fields, valid = parse_output(record["output"], schema.fields)
+    assert valid and list(fields) == list(schema.keys)
+    with open(tmp_path / "base.jsonl.settings.json", encoding="utf-8") as f:
+        assert json.load(f)["schema"] == schema.to_json()
+
+
 def test_read_dialogue_joins_lines_and_recognises_exits():
     def reader(lines):
         it = iter(lines)
