@@ -8,8 +8,9 @@ Everything is validated before anything is written, and each file is written who
     python data_helper.py --all_path data/all.json --train_path data/train.json --test_path data/test.json \\
         --test_size 50 --seed 1234
 
-With `--schema my_schema.json` the records hold that schema's fields instead (each record's extract_text must have
-exactly its keys), and the samples carry its instruction; give train.py the same --schema.
+With `--schema my_schema.json` the samples hold that schema's fields instead, in its order, and carry its
+instruction; give train.py the same --schema. Each record's extract_text must have every field of the schema; keys
+it has beyond them are left out (said once), so a schema that keeps some of the chapter's fields needs no new data.
 """
 from __future__ import annotations
 
@@ -74,10 +75,12 @@ def load_records(path: str) -> list:
     return data
 
 
-def parse_extract(value, where: str, schema: Schema = CHAPTER_SCHEMA) -> dict:
+def parse_extract(value, where: str, schema: Schema = CHAPTER_SCHEMA, left_out: set | None = None) -> dict:
     """The schema's fields of one record's `extract_text`, given as a dict, a JSON string or a Python-literal string
     (the chapter's all.json may hold dict reprs). Strings are parsed with json, then ast.literal_eval; never eval.
-    List fields are de-duplicated, keeping the first occurrence, because the instruction asks for no repeats."""
+    List fields are de-duplicated, keeping the first occurrence, because the instruction asks for no repeats. Keys
+    beyond a schema of the user's own go into `left_out`; beyond the chapter's they are an error (a slip, or data
+    for a schema not given)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -93,7 +96,9 @@ def parse_extract(value, where: str, schema: Schema = CHAPTER_SCHEMA) -> dict:
                          f"{type(value).__name__}")
     whose = "" if schema.is_chapter else " (fields of the schema)"
     unknown = [str(k) for k in value if k not in schema.keys]  # first: keys of another schema are the likelier slip
-    if unknown:
+    if unknown and left_out is not None and not schema.is_chapter:
+        left_out.update(unknown)
+    elif unknown:
         among = "the chapter's eight fields; --schema names others" if schema.is_chapter else "the schema's fields"
         raise ValueError(f"{where}: extract_text has unknown key(s) {', '.join(unknown)} (not among {among})")
     missing = [k for k in schema.keys if k not in value]
@@ -115,8 +120,10 @@ def parse_extract(value, where: str, schema: Schema = CHAPTER_SCHEMA) -> dict:
     return extract
 
 
-def build_samples(records: list, path: str, schema: Schema = CHAPTER_SCHEMA) -> list[dict]:
-    """One {instruction, input, output} sample per record; the first bad record raises, naming path and index."""
+def build_samples(records: list, path: str, schema: Schema = CHAPTER_SCHEMA,
+                  left_out: set | None = None) -> list[dict]:
+    """One {instruction, input, output} sample per record; the first bad record raises, naming path and index. Keys
+    beyond a schema of the user's own are collected in `left_out`."""
     samples = []
     for index, record in enumerate(records):
         where = f"{path}: record {index}"
@@ -131,7 +138,7 @@ def build_samples(records: list, path: str, schema: Schema = CHAPTER_SCHEMA) -> 
             raise ValueError(f"{where}: 'dialogue_text' is empty")
         if "extract_text" not in record:
             raise ValueError(f"{where}: missing 'extract_text'")
-        extract = parse_extract(record["extract_text"], where, schema)
+        extract = parse_extract(record["extract_text"], where, schema, left_out)
         check_utf8(dialogue, f"{where}: 'dialogue_text'")
         for key, kind in schema.fields:
             for item in [extract[key]] if kind == "text" else extract[key]:
@@ -230,11 +237,15 @@ def main(argv: list[str] | None = None) -> None:
         check_output_path(args.train_path, "--train_path")
         check_output_path(args.test_path, "--test_path")
         schema = load_schema(args.schema) if args.schema else CHAPTER_SCHEMA
-        all_samples = build_samples(load_records(args.all_path), args.all_path, schema)
+        left_out: set[str] = set()
+        all_samples = build_samples(load_records(args.all_path), args.all_path, schema, left_out)
         samples, dropped, relabelled = drop_repeated_dialogues(all_samples)
         train, test = split_samples(samples, args.test_size, args.seed)
     except ValueError as e:
         raise SystemExit(f"data_helper: error: {e}") from None
+    if left_out:
+        print(f"{args.all_path}: kept the {len(schema.keys)} fields of --schema {args.schema}; left out "
+              f"{', '.join(sorted(left_out))}")
     if dropped:
         print(f"{args.all_path}: dropped {len(dropped)} records whose dialogue repeats an earlier record's "
               f"({records_named(dropped)})")

@@ -213,8 +213,11 @@ def test_data_helper_writes_and_checks_the_schemas_fields(tmp_path):
     records = [{"dialogue_text": DIALOGUE + f"医生: 第{i}次\n", "extract_text": {"诊断结果": "感冒", "药品名称": ["布洛芬"],
                                                                                   "症状": ["咳嗽", "咳嗽"]}}
                for i in range(3)]
+    records[1]["extract_text"]["现病史"] = "咳嗽两天"  # a field the schema does not keep: left out, said once
     done = data_helper(tmp_path, records, "--schema", str(schema_path))
     assert done.returncode == 0, done.stderr
+    assert f"kept the 3 fields of --schema {schema_path}; left out 现病史" in done.stdout
+    records[1]["extract_text"].pop("现病史")
     lines = [json.loads(line) for name in ("train.json", "test.json")
              for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 3 and all(r["instruction"] == three().instruction for r in lines)
