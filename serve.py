@@ -11,9 +11,15 @@ The model is loaded once; service.py has the endpoints:
   repetition_penalty (default --repetition_penalty), response_format json_object (the trained format) and vLLM's
   structured_outputs {"grammar": EBNF}, so `test_openai.py --base_url http://127.0.0.1:8000/v1` scores this server
   as it scores vLLM;
-- POST /v1/extract {"dialogue": ...}: the 8 fields under the grounded grammar, each list item with its character
-  offsets in the dialogue;
-- GET /health, and GET /: a page to paste a dialogue into and see the fields, highlighted in it.
+- POST /v1/extract {"dialogue": ...}: the schema's fields under the grounded grammar, each item of a span field with
+  its character offsets in the dialogue;
+- GET /health (the schema's fields among what it says), and GET /: a page to paste a dialogue into and see the
+  fields, highlighted in it.
+
+The fields are the schema the model was trained with (the schema.json train.py saves with each checkpoint and
+merge_params.py copies), else --schema (for a model trained elsewhere), else the chapter's eight; the prompts it
+recognises as extractions are that schema's instruction + dialogue. A --schema other than the model's own is
+refused.
 
 Requests that arrive together are generated together, up to --max_batch_size; it listens on 127.0.0.1 unless --host
 says otherwise, and with --api_key_env every /v1 request needs `Authorization: Bearer <key>`. What one client sends
@@ -30,7 +36,8 @@ import socket
 import sys
 from typing import Sequence
 
-from medextract.cli import add_generation_arguments, add_model_arguments, check_generation_args, decoding_of, dtype_of
+from medextract.cli import (add_generation_arguments, add_model_arguments, add_schema_argument, check_generation_args,
+                            decoding_of, dtype_of, schema_of)
 from medextract.errors import ConfigError, MedextractError
 from medextract.grammar_pool import GrammarBounds
 from medextract.inference import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, Interrupted, check_model_dir_files, dtype_note,
@@ -48,7 +55,7 @@ MAX_GRAMMAR_WORKERS = 64
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_arguments(parser, DEFAULT_MODEL_PATH)
+    add_schema_argument(add_model_arguments(parser, DEFAULT_MODEL_PATH))  # the fields come with the model
     add_generation_arguments(parser, constraint=False,
                              max_tgt_len_help="most new tokens per answer: a request's max_tokens when it gives none, "
                                               "and the largest it may ask; with --max_src_len what the cache holds "
@@ -80,6 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     grammars.add_argument("--grammar_memory_mb", type=int, default=bounds.memory_mb,
                           help="memory a client's grammar may take to compile, in its process; more: HTTP 400")
     args = parser.parse_args(argv)
+    try:
+        schema_of(args)  # the model's schema.json, or a --schema file, at fault: one line, as predict.py says it
+    except MedextractError as e:
+        fail(PROG, e)
     try:
         check_flags(args)
     except MedextractError as e:
@@ -152,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                grammar=GrammarBounds(workers=args.grammar_workers, timeout=args.grammar_timeout,
                                                      max_bytes=args.max_grammar_bytes,
                                                      memory_mb=args.grammar_memory_mb),
-                               random_weights=has_random_weights(args.model_path))
+                               random_weights=has_random_weights(args.model_path), schema=schema_of(args))
     if settings.random_weights:
         print(RANDOM_WEIGHTS_NOTE, flush=True)
     print(f"serving {settings.served_model_name} on http://{args.host}:{args.port} | {device} | batch "

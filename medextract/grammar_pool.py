@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from utils import CHAPTER_FIELDS, Fields
+
 from .errors import MedextractError
 from .grammar import AnswerGrammar, Vocabulary, build_ebnf
 
@@ -48,8 +50,7 @@ WORKER_CODE = "import os; os.nice(19); from medextract.grammar_pool import serve
 CACHE_ENTRIES = 64
 CACHE_BYTES = 1 << 30  # compiled grammars and their texts
 RESPAWN_DELAY = 5.0  # after a worker failed to start
-SCHEMA_EBNF = build_ebnf("", "schema")  # the same for every dialogue
-ANSWER_HEAD = SCHEMA_EBNF.split("\n", 1)[0]  # the root rule, the same in every answer grammar
+SCHEMA_EBNF = build_ebnf("", "schema")  # the chapter's fields' (the same for every dialogue)
 
 
 @dataclass(frozen=True)
@@ -90,22 +91,28 @@ def check_grammar_size(ebnf: str, max_bytes: int) -> None:
                              f"(serve.py --max_grammar_bytes)", "grammar_too_large")
 
 
-def answer_constraint(grammar: str, dialogue: str) -> str | None:
-    """"grounded" or "schema" when `grammar` is exactly that answer grammar of `dialogue`, else None."""
-    if not grammar.startswith(ANSWER_HEAD):
+def answer_head(fields: Fields = CHAPTER_FIELDS) -> str:
+    """The root rule of every answer grammar with `fields`, whatever the dialogue and constraint."""
+    return build_ebnf("", "schema", fields).split("\n", 1)[0]
+
+
+def answer_constraint(grammar: str, dialogue: str, fields: Fields = CHAPTER_FIELDS) -> str | None:
+    """"grounded" or "schema" when `grammar` is exactly that answer grammar of `dialogue` with `fields` (the
+    served schema's), else None."""
+    if not grammar.startswith(answer_head(fields)):
         return None
     for constraint in ("schema", "grounded"):
-        if grammar == build_ebnf(dialogue, constraint):
+        if grammar == build_ebnf(dialogue, constraint, fields):
             return constraint
     return None
 
 
-def may_be_grounded_grammar(grammar: str, dialogue: str) -> bool:
-    """Whether `grammar` can be the grounded answer grammar of `dialogue`, at no cost: it has the answer grammar's
-    root rule, and is no shorter than the dialogue (a dialogue's grounded grammar has a rule for every character of
-    its longest line, and is some 20 to 40 times as long as an ordinary dialogue), so recognising it never builds
-    the grammar of a dialogue longer than the grammar sent."""
-    return grammar.startswith(ANSWER_HEAD) and len(dialogue) <= len(grammar)
+def may_be_grounded_grammar(grammar: str, dialogue: str, fields: Fields = CHAPTER_FIELDS) -> bool:
+    """Whether `grammar` can be the grounded answer grammar of `dialogue` with `fields`, at no cost: it has the
+    answer grammar's root rule, and is no shorter than the dialogue (a dialogue's grounded grammar has a rule for
+    every character of its longest line, and is some 20 to 40 times as long as an ordinary dialogue), so recognising
+    it never builds the grammar of a dialogue longer than the grammar sent."""
+    return grammar.startswith(answer_head(fields)) and len(dialogue) <= len(grammar)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,14 +268,16 @@ def _class_has_a_character(negated: int, bounds: list[int]) -> bool:
     return covered < 0x10FFFF
 
 
-def vet(vocabulary: Vocabulary, ebnf: str, dialogue: str | None = None, memory_mb: int = 0) -> dict:
+def vet(vocabulary: Vocabulary, ebnf: str, dialogue: str | None = None, memory_mb: int = 0,
+        fields: Fields = CHAPTER_FIELDS) -> dict:
     """What a worker answers for a client's grammar: {"constraint": ...} when it is the answer grammar of
-    `dialogue` (answer_constraint), {"ok": true, "seconds": compile time} when it compiles and admits an answer,
-    {"refused": code, "message": why} otherwise (`memory_mb`: the worker's memory bound, for the message)."""
+    `dialogue` with `fields` (answer_constraint), {"ok": true, "seconds": compile time} when it compiles and admits
+    an answer, {"refused": code, "message": why} otherwise (`memory_mb`: the worker's memory bound, for the
+    message)."""
     import xgrammar as xgr
 
     if dialogue is not None:
-        constraint = answer_constraint(ebnf, dialogue)
+        constraint = answer_constraint(ebnf, dialogue, fields)
         if constraint is not None:
             return {"constraint": constraint}
     started = time.perf_counter()
@@ -313,8 +322,9 @@ def memory_refusal(memory_mb: int) -> dict:
 def serve_vetting() -> None:
     """A worker's loop, run as `python -c "from medextract.grammar_pool import serve_vetting; serve_vetting()"` by
     GrammarWorkers: a line of settings and a line of the serialised xgrammar.TokenizerInfo on stdin, "ready" on
-    stdout, then one JSON job a line ({"grammar", "dialogue"}) answered by one JSON line (`vet`), until stdin
-    closes. It dies with the server (Linux's parent-death signal), so a compile left running never outlives it."""
+    stdout, then one JSON job a line ({"grammar", "dialogue", "fields"}) answered by one JSON line (`vet`), until
+    stdin closes. It dies with the server (Linux's parent-death signal), so a compile left running never outlives
+    it."""
     _die_with_parent()
     # the answers go to the original stdout; whatever else writes to it (a library's notice, C++ included) goes to
     # stderr instead, so that it can never garble an answer
@@ -334,7 +344,8 @@ def serve_vetting() -> None:
     for line in stdin:
         job = json.loads(line)
         try:
-            answer = vet(vocabulary, job["grammar"], job.get("dialogue"), settings["memory_mb"])
+            fields = tuple(tuple(field) for field in job.get("fields", CHAPTER_FIELDS))
+            answer = vet(vocabulary, job["grammar"], job.get("dialogue"), settings["memory_mb"], fields)
         except MemoryError:
             answer = memory_refusal(settings["memory_mb"])
         stdout.write(json.dumps(answer).encode("utf-8") + b"\n")
@@ -439,10 +450,11 @@ class GrammarWorkers:
                 self.counts["killed"] += 1
                 self._background(self._spawn())
 
-    async def vet(self, ebnf: str, dialogue: str | None, gone: asyncio.Future) -> dict:
-        """`vet`'s answer for `ebnf` from a free worker; GrammarRefused past the time or memory bound, or for what
-        the worker refused; GrammarAbandoned when `gone` completes first (the client left), WorkersBusy when no
-        worker comes free within the bound's wait."""
+    async def vet(self, ebnf: str, dialogue: str | None, gone: asyncio.Future,
+                  fields: Fields = CHAPTER_FIELDS) -> dict:
+        """`vet`'s answer for `ebnf` (with `dialogue` and `fields`) from a free worker; GrammarRefused past the time
+        or memory bound, or for what the worker refused; GrammarAbandoned when `gone` completes first (the client
+        left), WorkersBusy when no worker comes free within the bound's wait."""
         process = await self._take(gone)
         if gone.done():
             self._idle.put_nowait(process)
@@ -450,7 +462,8 @@ class GrammarWorkers:
         self.counts["vetting"] += 1
         try:
             try:
-                process.stdin.write(json.dumps({"grammar": ebnf, "dialogue": dialogue}).encode("utf-8") + b"\n")
+                job = {"grammar": ebnf, "dialogue": dialogue, "fields": [list(field) for field in fields]}
+                process.stdin.write(json.dumps(job).encode("utf-8") + b"\n")
                 await process.stdin.drain()
                 line = await _first(process.stdout.readline(), gone, self.bounds.timeout)
             except BaseException as e:  # the bound, the client gone, the server stopping, a broken pipe
@@ -522,10 +535,13 @@ def lower_thread_priority() -> None:
 
 class Grammars:
     """The service's grammar work: the cache, the bounded vocabulary its requests compile with, the vetting
-    workers and the threads that compile what they passed."""
+    workers and the threads that compile what they passed. `fields`: the served schema's, those of the answer
+    grammar a client's grammar is recognised as."""
 
-    def __init__(self, vocabulary: Vocabulary, bounds: GrammarBounds):
+    def __init__(self, vocabulary: Vocabulary, bounds: GrammarBounds, fields: Fields = CHAPTER_FIELDS):
         self.bounds = bounds
+        self.fields = tuple(tuple(field) for field in fields)
+        self.schema_ebnf = build_ebnf("", "schema", self.fields)  # the same for every dialogue
         self.cache = GrammarCache()
         self.vocabulary = BoundedVocabulary.of(vocabulary, self.cache, bounds.max_bytes)
         self.workers = GrammarWorkers(vocabulary, bounds)
@@ -545,20 +561,21 @@ class Grammars:
 
     async def client_grammar(self, ebnf: str, dialogue: str | None, gone: asyncio.Future) -> str | AnswerGrammar:
         """A client's grammar ready for the engine, or the answer grammar it is: "grounded" or "schema" when it is
-        exactly that grammar of `dialogue` (an extraction prompt's dialogue; None for any other prompt), else the
-        grammar compiled, with its own matcher. Vetted first unless the cache knows it; GrammarRefused when it is
-        refused (and the refusal kept, but for time: a busier moment may have made it slow)."""
+        exactly that grammar of `dialogue` with the served fields (an extraction prompt's dialogue; None for any
+        other prompt), else the grammar compiled, with its own matcher. Vetted first unless the cache knows it;
+        GrammarRefused when it is refused (and the refusal kept, but for time: a busier moment may have made it
+        slow)."""
         check_grammar_size(ebnf, self.bounds.max_bytes)
-        if dialogue is not None and ebnf == SCHEMA_EBNF:
+        if dialogue is not None and ebnf == self.schema_ebnf:
             return "schema"
-        if dialogue is not None and not may_be_grounded_grammar(ebnf, dialogue):
+        if dialogue is not None and not may_be_grounded_grammar(ebnf, dialogue, self.fields):
             dialogue = None
         known = self.cache.get(ebnf) if dialogue is None else None
         if isinstance(known, GrammarRefused):
             raise GrammarRefused(str(known), known.code)
         if known is None:
             try:
-                verdict = await self.workers.vet(ebnf, dialogue, gone)
+                verdict = await self.workers.vet(ebnf, dialogue, gone, self.fields)
             except GrammarRefused as e:
                 if e.code != "grammar_too_slow":
                     self.cache.put(ebnf, GrammarRefused(str(e), e.code))  # without the frames of its traceback

@@ -1,5 +1,6 @@
 """The service's requests and responses as pydantic models: OpenAI's chat completions (with vLLM's
-`repetition_penalty` and `structured_outputs`), the extraction endpoint, models, health and errors.
+`repetition_penalty` and `structured_outputs`), the extraction endpoint, models, health (with the served schema's
+fields) and errors.
 
 FastAPI validates a request body against its model, so what a model declares is what the service takes: types are
 strict (a string is no number, a boolean no integer), numbers finite and in range, text free of lone surrogates.
@@ -224,7 +225,7 @@ class GroundedItem(BaseModel):
 
 
 class ExtractResponse(BaseModel):
-    fields: dict[str, list[GroundedItem] | str]  # utils.parse_output's 8 fields, list items grounded
+    fields: dict[str, list[GroundedItem] | str]  # the served schema's fields in its order, span items grounded
     valid: bool
     truncated: bool
     dialogue_cut: bool
@@ -246,10 +247,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class SchemaField(BaseModel):
+    name: str
+    kind: Literal["spans", "text"]  # spans: a list of pieces of the dialogue; text: a summary
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     random_weights: bool = False  # the model was made by qwen1_8.make_tiny: its answers are noise
+    fields: list[SchemaField]  # the served schema's, in its order: what /v1/extract answers (the page reads them)
     batches: int  # engine batches started
     requests: int  # requests admitted to the engine
     cancelled: int

@@ -20,10 +20,17 @@ and `structured_outputs: {"grammar": EBNF}` any xgrammar EBNF grammar (root rule
 answer (400 otherwise). A client's grammar is bounded in size, compile time and memory and vetted in a worker
 process first, so that no grammar stalls the others (grammar_pool.py). A client grammar is not closable: a budget
 cut ends it with finish_reason "length", mid-answer. The one exception is the answer grammar itself: a grammar that
-is exactly `grammar.build_ebnf(dialogue, "grounded" or "schema")` for the dialogue of an extraction prompt
-(training's system prompt, then `utils.INSTRUCTION` + dialogue) is recognised as such, so the answer is generated as
-predict.py's --constraint would generate it: closed if the budget cuts it, and with list items from the part of a
-long dialogue the cut prompt keeps (the only part whose grammar is built).
+is exactly `grammar.build_ebnf(dialogue, "grounded" or "schema", fields)` for the dialogue of an extraction prompt
+(training's system prompt, then the schema's instruction + dialogue) is recognised as such, so the answer is
+generated as predict.py's --constraint would generate it: closed if the budget cuts it, and with list items from the
+part of a long dialogue the cut prompt keeps (the only part whose grammar is built).
+
+The fields are the served schema's (`ServiceSettings.schema`: the model's schema.json, serve.py --schema, else the
+chapter's eight): the prompt of /v1/extract (the schema's instruction + dialogue), its grammar, parser and offsets,
+json_object's grammar, the answer grammar a client's grammar is recognised as, and the shortest answer a closable
+request must leave room for. GET /health names them in order, `"fields": [{"name", "kind"}, …]` (not the
+instruction), as it names the model, with no key asked, so that the page (static/index.html) builds its rows from
+them before a key is typed.
 
 Errors are JSON in OpenAI's format, `{"error": {"message", "type", "param", "code"}}`, with a 4xx code for anything
 the client sent (a validation error names its field as `param`); a 405 says what is allowed (`Allow`), and every GET
@@ -63,8 +70,10 @@ from .grammar import AnswerGrammar, Vocabulary
 from .grammar_pool import GrammarAbandoned, GrammarBounds, GrammarRefused, Grammars, WorkersBusy
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChoice, ChatCompletionChunk,
                        ChatCompletionRequest, ChunkChoice, Delta, ErrorInfo, ErrorResponse, ExtractRequest,
-                       ExtractResponse, GroundedItem, Health, ModelCard, ModelList, Usage, validation_error)
-from utils import INSTRUCTION, SYSTEM_PROMPT, build_chatml_ids, one_line, parse_output
+                       ExtractResponse, GroundedItem, Health, ModelCard, ModelList, SchemaField, Usage,
+                       validation_error)
+from .schema import CHAPTER_SCHEMA, Schema
+from utils import SYSTEM_PROMPT, Fields, build_chatml_ids, one_line, parse_output
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")  # the repo's
 # requests prepared at a time (tokens, and an answer grammar of at most --max_grammar_bytes); a client's grammar is
@@ -85,6 +94,7 @@ class ServiceSettings:
     api_key: str | None = None  # None: no key asked for
     grammar: GrammarBounds = GrammarBounds()  # what a grammar may cost
     random_weights: bool = False  # a make_tiny model: /health, /v1/extract and the page say its answers are noise
+    schema: Schema = CHAPTER_SCHEMA  # the fields answered and the instruction that asks for them
 
 
 class APIError(Exception):
@@ -223,8 +233,10 @@ def compiled(request: Request) -> Request:
     return replace(request, grammar=lambda: grammar)
 
 
-def instruction_chars_of(user_text: str) -> int:
-    return len(INSTRUCTION) if user_text.startswith(INSTRUCTION) else 0
+def instruction_chars_of(user_text: str, instruction: str) -> int:
+    """The length of the schema's `instruction` where a chat's user message starts with it (an extraction prompt,
+    cut as training cuts it), else 0."""
+    return len(instruction) if user_text.startswith(instruction) else 0
 
 
 async def chat_request(http: HTTPRequest, gone: asyncio.Future, engine: Engine, grammars: Grammars,
@@ -236,7 +248,7 @@ async def chat_request(http: HTTPRequest, gone: asyncio.Future, engine: Engine, 
     constraint, grammar = ("schema" if call.json_object else None), None
     if call.grammar is not None:
         user_text = call.user_text
-        instruction_chars = instruction_chars_of(user_text)
+        instruction_chars = instruction_chars_of(user_text, settings.schema.instruction)
         dialogue = user_text[instruction_chars:] if instruction_chars and call.system == SYSTEM_PROMPT else None
         try:
             found = await grammars.client_grammar(call.grammar, dialogue, gone)
@@ -254,22 +266,22 @@ def build_chat_request(engine: Engine, vocabulary: Vocabulary, settings: Service
                        call: ChatCompletionRequest, decoding: Decoding, constraint: str | None,
                        grammar: AnswerGrammar | None) -> Request:
     """The engine request of a chat completion: the prompt exactly as training lays out (and cuts) this exchange,
-    under the answer grammar `constraint` names or the client's compiled `grammar`."""
-    tokenizer = engine.tokenizer
+    under the answer grammar `constraint` names (with the schema's fields) or the client's compiled `grammar`."""
+    tokenizer, fields = engine.tokenizer, settings.schema.fields
     system, user_text = call.system, call.user_text
-    instruction_chars = instruction_chars_of(user_text)
+    instruction_chars = instruction_chars_of(user_text, settings.schema.instruction)
     dialogue = user_text[instruction_chars:]
     if constraint is not None and system == SYSTEM_PROMPT:  # predict.py's request, token for token
         request, _ = extraction_request(tokenizer, user_text, dialogue, decoding, constraint, vocabulary,
                                         settings.max_len, settings.max_src_len, settings.truncation,
-                                        instruction_chars)
+                                        instruction_chars, fields)
     else:
         ids = build_chatml_ids(tokenizer, user_text, None, settings.max_len, settings.max_src_len, system=system,
                                truncation=settings.truncation, instruction_chars=instruction_chars).input_ids
         request = Request(ids, decoding)
         if constraint is not None:  # json_object under another system prompt: the format alone
-            request = replace(request, grammar=lambda: AnswerGrammar.for_dialogue(vocabulary, "", "schema"),
-                              closable=True)
+            request = replace(request, grammar=lambda: AnswerGrammar.for_dialogue(vocabulary, "", "schema", fields),
+                              closable=True, fields=tuple(fields))
         elif grammar is not None:
             request = replace(request, grammar=lambda: grammar)
     check_fits(engine, settings, request)
@@ -280,9 +292,10 @@ def extract_request(engine: Engine, vocabulary: Vocabulary, settings: ServiceSet
                     dialogue: str) -> tuple[Request, bool]:
     """predict.py's request for `dialogue` under the grounded grammar, and whether its prompt was cut: the grammar
     holds only the part of the dialogue the cut prompt keeps, so its cost is bounded by --max_src_len."""
-    request, cut = extraction_request(engine.tokenizer, INSTRUCTION + dialogue, dialogue, settings.decoding,
+    instruction = settings.schema.instruction
+    request, cut = extraction_request(engine.tokenizer, instruction + dialogue, dialogue, settings.decoding,
                                       "grounded", vocabulary, settings.max_len, settings.max_src_len,
-                                      settings.truncation, len(INSTRUCTION))
+                                      settings.truncation, len(instruction), settings.schema.fields)
     check_fits(engine, settings, request)
     return compiled(request), cut
 
@@ -293,15 +306,17 @@ def check_fits(engine: Engine, settings: ServiceSettings, request: Request) -> N
         raise APIError(400, f"the prompt ({len(request.prompt)} tokens) and max_tokens ({budget}) exceed the "
                             f"{settings.capacity} tokens this server gives a request; lower max_tokens or shorten "
                             f"the system message", "max_tokens", "context_length_exceeded")
-    if request.closable and budget < engine.empty_answer_tokens():
-        raise APIError(400, f"max_tokens {budget} is below the {engine.empty_answer_tokens()} tokens the shortest "
-                            f"answer in the trained format takes (every field empty)", "max_tokens")
+    shortest = engine.empty_answer_tokens(request.fields) if request.closable else 0  # the schema's, every field empty
+    if budget < shortest:
+        raise APIError(400, f"max_tokens {budget} is below the {shortest} tokens the shortest answer in the trained "
+                            f"format takes (every field empty)", "max_tokens")
 
 
-def grounded_fields(fields: dict, dialogue: str) -> dict[str, list[GroundedItem] | str]:
-    """The fields with each list item located in `dialogue` as the Python API locates them (api.span_offsets)."""
+def grounded_fields(fields: dict, dialogue: str, kinds: Fields) -> dict[str, list[GroundedItem] | str]:
+    """The fields with each item of a span field (`kinds`: the schema's) located in `dialogue` as the Python API
+    locates them (api.span_offsets)."""
     return {key: [GroundedItem(text=s.text, start=s.start, end=s.end) for s in value] if isinstance(value, list)
-            else value for key, value in span_offsets(fields, dialogue).items()}
+            else value for key, value in span_offsets(fields, dialogue, kinds).items()}
 
 
 def usage(result: Result) -> Usage:
@@ -495,9 +510,9 @@ READ = ["GET", "HEAD"]  # every GET route answers HEAD too (uvicorn sends no bod
 
 @router.api_route("/health", methods=READ)
 async def health(http: HTTPRequest, settings: SettingsDep, worker: WorkerDep, grammars: GrammarsDep) -> Health:
-    return Health(model=settings.served_model_name, random_weights=settings.random_weights, **worker.status(),
-                  preparing=http.app.state.preparing,
-                  **grammars.status())
+    return Health(model=settings.served_model_name, random_weights=settings.random_weights,
+                  fields=[SchemaField(name=f.name, kind=f.kind) for f in settings.schema.fields], **worker.status(),
+                  preparing=http.app.state.preparing, **grammars.status())
 
 
 @router.api_route("/", methods=READ)
@@ -527,9 +542,10 @@ async def extract(body: ExtractRequest, http: HTTPRequest, settings: SettingsDep
         raise APIError(400, f"dialogue: its answer grammar (of the part the model reads): {e}", "dialogue",
                        e.code) from None
     result = await complete(worker, request, http)
-    fields, valid = parse_output(result.text)
-    return ExtractResponse(fields=grounded_fields(fields, body.dialogue), valid=valid, truncated=result.truncated,
-                           dialogue_cut=cut, output=result.text, finish_reason=finish_reason(result),
+    schema = settings.schema
+    fields, valid = parse_output(result.text, schema.fields)
+    return ExtractResponse(fields=grounded_fields(fields, body.dialogue, schema.fields), valid=valid,
+                           truncated=result.truncated, dialogue_cut=cut, output=result.text, finish_reason=finish_reason(result),
                            usage=usage(result), random_weights=settings.random_weights)
 
 
@@ -647,7 +663,7 @@ def create_app(engine: Engine, settings: ServiceSettings) -> FastAPI:
                                                         WorkersBusy: workers_busy, Exception: internal_error})
     app.state.settings = settings
     app.state.worker = EngineWorker(engine, settings.capacity)
-    app.state.grammars = Grammars(engine.vocabulary, settings.grammar)
+    app.state.grammars = Grammars(engine.vocabulary, settings.grammar, settings.schema.fields)
     app.state.prepare_pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prepare")
     app.state.preparing = 0
     app.include_router(router)

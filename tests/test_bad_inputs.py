@@ -34,6 +34,7 @@ IS_ROOT = os.geteuid() == 0  # root may write anywhere, so the no-permission cas
 EXTRACT = {"药品名称": ["布洛芬"], "药物类别": [], "医疗检查": [], "医疗操作": [], "现病史": "发热两天", "辅助检查": "",
            "诊断结果": "", "医疗建议": "多喝水"}
 DEEP = "[" * 1000 + "]" * 1000  # nested past json's recursion limit
+OWN_SCHEMA = '{"fields": [{"name": "症状", "kind": "spans"}, {"name": "诊断结果", "kind": "text"}]}'.encode()
 
 
 @dataclass
@@ -421,6 +422,13 @@ CASES = {
                                                                         "100"], ["--max_grammar_bytes", "100"]),
     "serve grammar_memory_mb too small": lambda d, s: Case("serve.py", ["--model_path", s.tiny, "--grammar_memory_mb",
                                                                         "1"], ["--grammar_memory_mb", "1"]),
+    "serve schema differs from the model's": lambda d, s: Case("serve.py", [
+        "--model_path", model_copy(d, s.tiny, files={"schema.json": OWN_SCHEMA}), "--device", "cpu", "--schema",
+        text_file(d, "other.json", '{"fields": [{"name": "药品名称", "kind": "spans"}]}')],
+        ["--schema", "other.json", "differs", "schema.json"]),
+    "serve schema.json of the model empty": lambda d, s: Case("serve.py", [
+        "--model_path", model_copy(d, s.tiny, files={"schema.json": b'{"fields": []}'}), "--device", "cpu"],
+        ["schema.json", "\"fields\"", "empty list"]),
     "serve truncated weights": lambda d, s: Case("serve.py", ["--model_path", model_copy(
         d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))}),
         "--device", "cpu"], ["model.safetensors", "truncated"]),

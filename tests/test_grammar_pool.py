@@ -56,6 +56,16 @@ def test_what_a_worker_answers(vocabulary):
     assert "[" not in refused["message"].split(":")[0]  # xgrammar's time stamp left out
 
 
+def test_an_answer_grammar_is_recognised_only_with_the_served_schemas_fields(vocabulary):
+    fields = (("症状", "spans"), ("诊断结果", "text"))
+    grammar = build_ebnf(DIALOGUE, "grounded", fields)
+    assert vet(vocabulary, grammar, DIALOGUE, fields=fields) == {"constraint": "grounded"}
+    assert vet(vocabulary, build_ebnf(DIALOGUE, "schema", fields), DIALOGUE, fields=fields) == {"constraint": "schema"}
+    assert vet(vocabulary, grammar, DIALOGUE)["ok"] is True  # to a server of the chapter's fields: a client's grammar
+    assert vet(vocabulary, build_ebnf(DIALOGUE, "grounded"), DIALOGUE, fields=fields)["ok"] is True
+    assert may_be_grounded_grammar(grammar, DIALOGUE, fields) and not may_be_grounded_grammar(grammar, DIALOGUE)
+
+
 def test_only_a_grammar_as_long_as_its_dialogue_is_taken_for_its_answer_grammar():
     grammar = build_ebnf(DIALOGUE, "grounded")
     assert may_be_grounded_grammar(grammar, DIALOGUE)

@@ -12,6 +12,7 @@ client: grammars that admit nothing get a 400, grammars past a bound a 400 namin
 client leaves has its compile killed at once, a huge dialogue costs neither seconds nor memory, and while one client
 sends all of that, an ordinary extraction answers within twice its lone time. A client that leaves stops its answer.
 """
+import contextlib
 import http.client
 import json
 import os
@@ -33,8 +34,10 @@ import predict
 from medextract.inference import prompt_ids
 import serve
 import test_openai
+from medextract.cli import schema_of
 from medextract.grammar import build_ebnf
-from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT
+from medextract.schema import CHAPTER_SCHEMA, schema_from_json
+from utils import INSTRUCTION, LIST_KEYS, SYSTEM_PROMPT, parse_output
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV = "SERVE_TEST_API_KEY"
@@ -352,19 +355,17 @@ def test_a_client_that_leaves_mid_body_is_one_log_line(server):
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+needs_chromium = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                                    reason="Debian's chromium and chromium-driver are not installed (.ci/run "
+                                           "installs them)")
 
 
-@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
+@contextlib.contextmanager
+def browser(tmp_path: Path):
+    """Headless Chromium through chromedriver, its profile under `tmp_path`."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    answers = {d: extract(server, d) for d in DIALOGUES}
-    dialogue = next(d for d, a in answers.items() if any(a["fields"][k] for k in LIST_KEYS))
-    expected = answers[dialogue]["fields"]
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -374,44 +375,180 @@ def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def paste_and_extract(driver, dialogue: str) -> None:
+    """The dialogue put in as a person's paste would leave it (the textarea's value), Extract clicked, the answer
+    waited for."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script("arguments[0].value = arguments[1];", driver.find_element(By.ID, "dialogue"), dialogue)
+    driver.execute_script("document.body.dataset.state = '';")
+    driver.find_element(By.ID, "extract").click()
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                    == "done")
+
+
+def check_page_answer(driver, dialogue: str, expected: dict, span_keys) -> None:
+    """The page shows `expected` (a /v1/extract answer's fields): one row per field in its order, the span items
+    as chips and the text fields as text, and the dialogue whole with each mark at its item's offsets."""
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#fields tbody tr")
+    assert [r.get_attribute("data-field") for r in rows] == list(expected)
+    for row in rows:
+        key = row.get_attribute("data-field")
+        assert row.find_element(By.TAG_NAME, "th").get_property("textContent") == key
+        cell = row.find_element(By.TAG_NAME, "td")
+        if key in span_keys:
+            shown = [s.get_property("textContent") for s in cell.find_elements(By.CLASS_NAME, "item")]
+            assert shown == [item["text"] for item in expected[key]]
+        else:
+            assert cell.text == expected[key].strip()
+    view = driver.find_element(By.ID, "dialogue-view")
+    assert view.get_property("textContent") == dialogue  # marks wrap spans; nothing added or lost
+    marks = view.find_elements(By.TAG_NAME, "mark")
+    spans = {(item["text"], key) for key in span_keys for item in expected[key]}
+    assert marks and all((m.get_property("textContent"), m.get_attribute("data-field")) in spans for m in marks)
+    # each mark sits at its offset: the text before it is the dialogue up to `start`
+    offsets = driver.execute_script("""
+        const view = document.getElementById('dialogue-view'); let at = 0; const out = [];
+        for (const node of view.childNodes) {
+          if (node.nodeName === 'MARK') out.push([at, at + node.textContent.length]);
+          at += node.textContent.length;
+        }
+        return out;""")
+    starts = {(item["start"], item["end"]) for key in span_keys for item in expected[key]}
+    assert all(tuple(o) in starts and dialogue[o[0]:o[1]] for o in offsets)
+
+
+@needs_chromium
+def test_the_page_extracts_and_highlights_in_a_real_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answers = {d: extract(server, d) for d in DIALOGUES}
+    dialogue = next(d for d, a in answers.items() if any(a["fields"][k] for k in LIST_KEYS))
+    with browser(tmp_path) as driver:
         driver.get(f"http://127.0.0.1:{server.port}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "field-count").text == "eight")
         box = driver.find_element(By.ID, "dialogue")
-        # the dialogue goes in as a person's paste would leave it: the textarea's value
         driver.execute_script("arguments[0].value = arguments[1];", box, dialogue)
         driver.find_element(By.ID, "extract").click()  # no key yet: the server refuses, the page says so
         WebDriverWait(driver, 30).until(lambda d: "401" in d.find_element(By.ID, "status").text)
         driver.find_element(By.ID, "api-key").send_keys(KEY)
-        driver.find_element(By.ID, "extract").click()
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
-                                        == "done")
-        rows = driver.find_elements(By.CSS_SELECTOR, "#fields tbody tr")
-        assert [r.get_attribute("data-field") for r in rows] == list(expected)
-        for row in rows:
-            key = row.get_attribute("data-field")
-            cell = row.find_element(By.TAG_NAME, "td")
-            if key in LIST_KEYS:
-                shown = [s.get_property("textContent") for s in cell.find_elements(By.CLASS_NAME, "item")]
-                assert shown == [item["text"] for item in expected[key]]
-            else:
-                assert cell.text == expected[key].strip()
+        paste_and_extract(driver, dialogue)
+        check_page_answer(driver, dialogue, answers[dialogue]["fields"], LIST_KEYS)
         assert driver.find_element(By.ID, "random-note").is_displayed()  # make_tiny's model: its answers are noise
-        view = driver.find_element(By.ID, "dialogue-view")
-        assert view.get_property("textContent") == dialogue  # marks wrap spans; nothing added or lost
-        marks = view.find_elements(By.TAG_NAME, "mark")
-        spans = {(item["text"], key) for key in LIST_KEYS for item in expected[key]}
-        assert marks and all((m.get_property("textContent"), m.get_attribute("data-field")) in spans for m in marks)
-        # each mark sits at its offset: the text before it is the dialogue up to `start`
-        offsets = driver.execute_script("""
-            const view = document.getElementById('dialogue-view'); let at = 0; const out = [];
-            for (const node of view.childNodes) {
-              if (node.nodeName === 'MARK') out.push([at, at + node.textContent.length]);
-              at += node.textContent.length;
-            }
-            return out;""")
-        starts = {(item["start"], item["end"]) for key in LIST_KEYS for item in expected[key]}
-        assert all(tuple(o) in starts for o in offsets)
-    finally:
-        driver.quit()
+        marks = driver.find_elements(By.CSS_SELECTOR, "#dialogue-view mark")
+        assert {m.get_attribute("class") for m in marks} <= {f"f{i}" for i in range(len(LIST_KEYS))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A schema of the user's own, carried by the model directory
+# --------------------------------------------------------------------------------------------------------------
+
+# the fields of a model trained with train.py --schema; the last name is markup, which the page must show as text
+OWN_SCHEMA = {"fields": [{"name": "症状", "kind": "spans"}, {"name": "药品名称", "kind": "spans"},
+                         {"name": "诊断<b>结果</b>", "kind": "text"}]}  # no instruction: one is written for them
+SCHEMA = schema_from_json(OWN_SCHEMA, "OWN_SCHEMA")
+
+
+@pytest.fixture(scope="module")
+def schema_ckpt(tiny_ckpt, tmp_path_factory) -> str:
+    """The tiny model as train.py and merge_params.py leave one trained with OWN_SCHEMA: schema.json beside it (the
+    other files link to the tiny model's)."""
+    model = tmp_path_factory.mktemp("own_schema") / "model"
+    model.mkdir()
+    for entry in os.listdir(tiny_ckpt):
+        os.symlink(os.path.join(tiny_ckpt, entry), model / entry)
+    (model / "schema.json").write_text(SCHEMA.text(), encoding="utf-8")
+    return str(model)
+
+
+@pytest.fixture(scope="module")
+def schema_server(schema_ckpt, tmp_path_factory):
+    server = start_server(schema_ckpt, tmp_path_factory.mktemp("schema_serve") / "server.log",
+                          "--max_tgt_len", str(MAX_TOKENS), "--grammar_workers", "1")
+    yield server
+    stop_server(server)
+
+
+def test_health_names_the_chapters_fields_by_default(server):
+    assert [(f["name"], f["kind"]) for f in health(server)["fields"]] == [tuple(f) for f in CHAPTER_SCHEMA.fields]
+
+
+def test_a_model_with_a_schema_of_its_own_is_served_its_fields(schema_server):
+    assert health(schema_server)["fields"] == OWN_SCHEMA["fields"]
+    assert "schema: 3 fields from " in schema_server.log.read_text(encoding="utf-8")
+    items = 0
+    for dialogue in DIALOGUES:  # the last one cut past --max_src_len
+        answer = extract(schema_server, dialogue)
+        assert answer["valid"] is True and list(answer["fields"]) == list(SCHEMA.keys), answer["output"]
+        assert list(json.loads(answer["output"].removeprefix("```json\n").removesuffix("\n```"))) == list(SCHEMA.keys)
+        for key in SCHEMA.span_keys:
+            for item in answer["fields"][key]:
+                assert dialogue[item["start"]:item["end"]] == item["text"], (key, item)
+                items += 1
+        assert all(isinstance(answer["fields"][key], str) for key in SCHEMA.text_keys)
+    assert items  # the random model copies some spans: the offsets were checked on real items
+
+
+def test_a_chat_extraction_prompt_answers_the_schemas_fields(schema_server):
+    """The schema's instruction + dialogue is an extraction prompt: json_object answers its fields, and its
+    grounded grammar sent as a client's is recognised (the answer is /v1/extract's, token for token)."""
+    dialogue = DIALOGUES[0]
+    messages = [{"role": "user", "content": SCHEMA.instruction + dialogue}]
+    for extra in ({"response_format": {"type": "json_object"}},
+                  {"structured_outputs": {"grammar": build_ebnf(dialogue, "grounded", SCHEMA.fields)}}):
+        status, answer = call(schema_server, "POST", "/v1/chat/completions",
+                              {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, **extra})
+        assert status == 200, answer
+        content = answer["choices"][0]["message"]["content"]
+        fields, valid = parse_output(content, SCHEMA.fields)
+        assert valid and list(json.loads(content.removeprefix("```json\n").removesuffix("\n```"))) == \
+            list(SCHEMA.keys), content
+    assert content == extract(schema_server, dialogue)["output"]
+
+
+@needs_chromium
+def test_the_page_shows_a_schemas_own_fields_in_a_real_browser(schema_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    answers = {d: extract(schema_server, d) for d in DIALOGUES[:4]}
+    dialogue = next(d for d, a in answers.items() if any(a["fields"][k] for k in SCHEMA.span_keys))
+    with browser(tmp_path) as driver:
+        driver.get(f"http://127.0.0.1:{schema_server.port}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "field-count").text == "three")
+        driver.find_element(By.ID, "api-key").send_keys(KEY)
+        paste_and_extract(driver, dialogue)
+        check_page_answer(driver, dialogue, answers[dialogue]["fields"], SCHEMA.span_keys)
+        assert driver.find_elements(By.CSS_SELECTOR, "#fields b") == []  # a name is text, never markup
+        # more span fields than colours: the colours come round again, in the schema's order
+        many = [{"name": f"字段{i}", "kind": "text" if i % 3 == 0 else "spans"} for i in range(14)]
+        assert driver.execute_script("return Array.from(colours(arguments[0]).values());", many) == \
+            [f"f{i % 8}" for i in range(9)]
+
+
+def test_a_schema_other_than_the_models_is_one_line(schema_ckpt, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"fields": OWN_SCHEMA["fields"][:2]}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(SystemExit) as stopped:
+        serve.main(["--model_path", schema_ckpt, "--schema", str(other), "--device", "cpu", "--port",
+                    str(free_port())])
+    message = str(stopped.value.code)
+    assert message.startswith(f"serve.py: error: --schema {other} differs from the schema ") and "\n" not in message
+    assert "leave --schema out" in message and capsys.readouterr().err == ""
+    same = tmp_path / "same.json"
+    same.write_text(SCHEMA.text(), encoding="utf-8")
+    args = serve.parse_args(["--model_path", schema_ckpt, "--schema", str(same), "--device", "cpu", "--port",
+                             str(free_port())])
+    assert schema_of(args) == SCHEMA
 
 
 # --------------------------------------------------------------------------------------------------------------
