@@ -433,6 +433,33 @@ CASES = {
         d, s.tiny, files={"model.safetensors": truncated(os.path.join(s.tiny, "model.safetensors"))}),
         "--device", "cpu"], ["model.safetensors", "truncated"]),
 
+    # a schema of one's own (issue 29): a bad schema file, data or a model of another schema, one line each
+    "data_helper schema of an unknown kind": lambda d, s: Case("data_helper.py", data_helper(d, s, [])
+        .argv + ["--schema", text_file(d, "s.json", '{"fields": [{"name": "症状", "kind": "span"}]}')],
+        ["--schema", "s.json", "field 1 (症状)", 'unknown kind "span"']),
+    "data_helper record lacks a field of the schema": lambda d, s: Case("data_helper.py", data_helper(d, s, [])
+        .argv + ["--schema", text_file(d, "s.json", OWN_SCHEMA.decode())],
+        ["all.json: record 0", "missing key(s) 症状"]),
+    "predict schema with a name used twice": lambda d, s: Case("predict.py", predict(s, d, "--schema", text_file(
+        d, "s.json", '{"fields": [{"name": "a", "kind": "text"}, {"name": "a", "kind": "spans"}]}')),
+        ["--schema", "s.json", "field 2", "used twice"]),
+    "predict schema not JSON": lambda d, s: Case("predict.py", predict(s, d, "--schema", text_file(
+        d, "s.json", "fields: []")), ["--schema", "s.json", "not valid JSON"]),
+    "evaluate schema with an empty name": lambda d, s: Case("evaluate.py", evaluate(s, "--schema", text_file(
+        d, "s.json", '{"fields": [{"name": "", "kind": "text"}]}')), ["--schema", "s.json", "field 1", "non-empty"]),
+    "evaluate gold of another schema": lambda d, s: Case("evaluate.py", evaluate(s, "--schema", text_file(
+        d, "s.json", OWN_SCHEMA.decode())), ["gold", "lacks the key(s) of the schema 症状"]),
+    "train data of another schema": lambda d, s: Case("train.py", train_flags(s, d) + ["--schema", text_file(
+        d, "s.json", OWN_SCHEMA.decode())], ["train.json:1", "are not the schema's", "data_helper.py"]),
+    "train schema file missing": lambda d, s: Case("train.py", train_flags(s, d) + ["--schema", str(d / "no.json")],
+                                                   ["--schema", "no.json", "no such file"]),
+    "merge checkpoint schema.json not JSON": lambda d, s: Case("merge_params.py", merge(s, d, model_dir=model_copy(
+        d, s.adapter, "ckpt", files={"schema.json": b"{"})), ["schema.json", "not valid JSON"]),
+    "merge schema differs from the checkpoint's": lambda d, s: Case("merge_params.py", merge(s, d, model_dir=model_copy(
+        d, s.adapter, "ckpt", files={"schema.json": OWN_SCHEMA})) + ["--schema", text_file(
+            d, "other.json", '{"fields": [{"name": "药品名称", "kind": "spans"}]}')], ["--schema", "other.json",
+                                                                                   "differs"]),
+
     # merge_params.py: the output folder, then the adapter, the base and the run directory
     "merge save_model_dir is a file": lambda d, s: Case("merge_params.py", merge(s, d, save=a_file(d)),
                                                         ["--save_model_dir", "is a file"]),
