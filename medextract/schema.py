@@ -23,9 +23,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
-from utils import CHAPTER_FIELDS, INSTRUCTION, TOO_DEEP, answer_object, iter_jsonl
+from utils import CHAPTER_FIELDS, INSTRUCTION, answer_object, iter_jsonl
 
 from .errors import ConfigError, InputError
+from .model_files import read_json_object
 
 SCHEMA_FILE = "schema.json"  # in a run's output_dir, each checkpoint, a merged model and an export
 KINDS = ("spans", "text")
@@ -174,21 +175,12 @@ def _json_type(value: Any) -> str:
 def load_schema(path: str, flag: str = "--schema") -> Schema:
     """The schema in the file at `path`; ConfigError naming the file (and `flag`) and what is wrong."""
     where = f"{flag} {path}" if flag else path
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: " + ("a directory, not a schema file" if os.path.isdir(path) else "no such file"))
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{where}: a directory, not a schema file") from None
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read the file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not UTF-8 text") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: {TOO_DEEP}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        value = read_json_object(path)
+    except ValueError as e:  # it names the file
+        raise ConfigError(f"{flag} {e}" if flag else str(e)) from None
     return schema_from_json(value, where)
 
 
