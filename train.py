@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from medextract.checkpoints import (TrainState, check_resume_checkpoint, check_resume_fingerprints, checkpoint_step,
                                     clear_run_outputs, list_checkpoints, prune_checkpoints, restore_rank_state, resume,
-                                    run_fingerprints, save_checkpoint, saved_args, saved_step, to_json,
-                                    write_best_checkpoint)
+                                    read_checkpoint_json, run_fingerprints, save_checkpoint, saved_args,
+                                    saved_step, to_json, write_best_checkpoint)
 from medextract.cli import add_lora_args, add_schema_argument
 from medextract.distributed import check_output_dir_shared, init_distributed
 from medextract.errors import MedextractError, OutputError
@@ -57,7 +57,7 @@ from medextract.evaluation import (F1Evaluation, answer_share, f1_summary, gathe
 from medextract.grammar import build_vocabulary
 from medextract.inference import MIN_CONSTRAINED_TOKENS, Truncation
 from medextract.model_files import check_model_files, check_vocabulary, has_random_weights
-from medextract.qlora import QLoRASettings, build_model, resolve_precision
+from medextract.qlora import QLoRASettings, build_model, precision_note, resolve_precision
 from medextract.schema import CHAPTER_SCHEMA, SCHEMA_FILE, Schema, check_samples, load_schema, model_schema
 from medextract.training import (OptimizerSettings, ResumableDistributedSampler, StepPlan, build_ds_config,
                                  build_engine, library_versions, load_ds_json, model_inputs, write_plots)
@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--quantization", choices=("nf4", "none"), default="nf4",
                        help="nf4: QLoRA on a 4-bit NF4 base with double quantisation; none: plain LoRA")
     model.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="compute dtype; auto = bf16 on a bf16-capable GPU, else fp32 (CPU, older GPUs)")
+                       help="compute dtype; auto = bf16 where the hardware computes it natively (Ampere and later "
+                            "GPUs, CPUs with AVX512-BF16 or AMX), else fp32 (older GPUs, other CPUs)")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute activations in the backward pass to save memory")
 
@@ -193,6 +194,10 @@ def run_training(args: argparse.Namespace) -> None:
     rank, world_size, device = init_distributed()
     check_output_dir_shared(args.output_dir, rank, world_size, device)
     precision = resolve_precision(args.precision, device)
+    if note := precision_note(args.precision, precision, device):
+        print_rank_0(note, rank)
+    if args.resume_from_checkpoint:
+        check_resume_precision(args.resume_from_checkpoint, args.precision, precision)
     set_random_seed(args.seed)  # the same LoRA init on every rank
     train_loader, train_sampler, test_loader = build_dataloaders(args, train_set, test_set, tokenizer, rank,
                                                                  world_size)
@@ -306,10 +311,11 @@ def validate_args(args: argparse.Namespace) -> None:
                        f"--overwrite_output_dir to start over, or another --output_dir")
 
 
-# What decides the weights a run ends with, beyond the step plan and world size that resume() compares.
+# What decides the weights a run ends with, beyond the step plan and world size that resume() compares, and the
+# precision, compared once resolved (check_resume_precision): auto and the dtype it resolves to train alike.
 RESUME_SAME_FLAGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "seed", "max_len",
-                     "max_src_len", "truncation", "is_skip", "quantization", "precision", "lora_dim", "lora_alpha",
-                     "lora_dropout", "select_by", "eval_max_new_tokens", "eval_samples")
+                     "max_src_len", "truncation", "is_skip", "quantization", "lora_dim", "lora_alpha", "lora_dropout",
+                     "select_by", "eval_max_new_tokens", "eval_samples")
 
 
 def check_resume_flags(checkpoint: str, args: argparse.Namespace) -> None:
@@ -338,6 +344,17 @@ def check_resume_schema(checkpoint: str, schema: Schema) -> None:
         fail(PROG, f"--resume_from_checkpoint {checkpoint} was trained with another schema ({taken.describe()}) than "
                    f"this run's ({schema.describe()}); resume with the --schema it was started with, or start a new "
                    f"run")
+
+
+def check_resume_precision(checkpoint: str, choice: str, precision: str) -> None:
+    """`--precision auto` resolves on the machine at hand, so the same flag can mean fp32 where the run began (a CPU
+    without native bf16, or a train.py from before auto took bf16 on CPUs) and bf16 here; a resume continues in the
+    precision the checkpoint was trained in, or not at all."""
+    path = os.path.join(checkpoint, "train_args.json")
+    saved = read_checkpoint_json(path).get("precision") if os.path.isfile(path) else None
+    if saved is not None and saved != precision:
+        fail(PROG, f"--resume_from_checkpoint {checkpoint} was trained in {saved}, and --precision {choice} is "
+                   f"{precision} here; pass --precision {saved} to resume it")
 
 
 def qlora_settings_of(args: argparse.Namespace) -> QLoRASettings:

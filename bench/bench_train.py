@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     add_model_args(model, "model_name_or_path", num_hidden_layers=4)
     model.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="as train.py: bf16 on a bf16 GPU, else fp32")
+                       help="as train.py: bf16 where the GPU or CPU computes it natively, else fp32")
     model.add_argument("--quantization", choices=("nf4", "none"), default="nf4", help="as train.py")
     model.add_argument("--no_gradient_checkpointing", action="store_true",
                        help="turn off activation checkpointing (the chapter uses it)")

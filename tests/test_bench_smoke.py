@@ -1,4 +1,4 @@
-"""The two benchmarks start and end with one valid JSON line, on a very tiny model and tiny counts."""
+"""The benchmarks start and end with one valid JSON line, on a very tiny model and tiny counts."""
 import importlib.util
 import json
 import os
@@ -100,3 +100,16 @@ def test_bench_train_bf16_casts_like_deepspeed(tiny_ckpt):
     assert all(p.grad is None for p in trainable)
     assert all(not torch.equal(m, b) for m, b in zip(masters, before))  # every LoRA matrix moved
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, m.bfloat16()) for p, m in zip(trainable, masters))
+
+
+def test_bench_kernels_smoke(capsys):
+    bench = load_script("bench_kernels")
+    result = bench.main(["--num_attention_heads", "2", "--head_dim", "8", "--vocab_size", "300", "--prompt_len", "6",
+                         "--batch_size", "3", "--cache_len", "8", "--seen_tokens", "5", "--rounds", "2",
+                         "--repeats", "1"])
+    assert last_json_line(capsys.readouterr().out) == json.loads(json.dumps(result, ensure_ascii=False))
+    assert set(result["kernels"]) == {"attention, prefill", "attention, decoding step", "logits cast to fp32",
+                                      "repetition penalty", "greedy choice", "top-p sampling"}
+    for row in result["kernels"].values():
+        assert len(row["rounds_ms"]["fp32"]) == len(row["rounds_ms"]["bf16"]) == 2 and row["bf16_over_fp32"] > 0
+

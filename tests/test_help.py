@@ -20,7 +20,8 @@ from utils import HelpFormatter
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("data_helper", "train", "merge_params", "predict", "test_qwen", "test_openai", "evaluate", "export_qwen2",
-           "serve", "bench.bench_predict", "bench.bench_train", "qwen1_8.make_tiny", "data.make_dialogues")
+           "serve", "bench.bench_predict", "bench.bench_train", "bench.bench_kernels", "qwen1_8.make_tiny",
+           "data.make_dialogues")
 EXAMPLE_STARTS = ("python ", "deepspeed ", "DS_ACCELERATOR")
 OUTSIDE = ("../", "shared/")
 

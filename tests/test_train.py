@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import train
 from medextract import checkpoints, distributed, qlora, training
 from medextract.errors import ConfigError, OutputError
-from utils import format_output
+from utils import cpu_computes_bf16, format_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_LINE = re.compile(r"^epoch (\d+)/(\d+) \| step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr (\d\.\d\de[-+]\d\d) \| "
@@ -90,10 +90,16 @@ def read_json(path: str) -> dict:
 SINGLE_CHECKPOINTS = ["epoch-1-step-1", "epoch-1-step-2", "epoch-2-step-3", "epoch-2-step-4"]
 
 
+# bf16 named, not left to auto, so the bf16 path (DeepSpeed's bf16 mode, checkpoints, a bit-exact resume) is tested on
+# any CPU, emulated where the CPU has no native bf16; test_train_f1.py trains and resumes in fp32, and the two-rank runs
+# below take what auto gives.
+SINGLE_PRECISION = "bf16"
+
+
 @pytest.fixture(scope="module")
 def single_run(tiny_ckpt, data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single") / "out")
-    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, out)])
+    log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, out, precision=SINGLE_PRECISION)])
     return out, log
 
 
@@ -114,11 +120,12 @@ def test_single_process_run_writes_checkpoints_logs_and_plots(single_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
     info = read_json(os.path.join(out, "train_args.json"))
-    assert info["world_size"] == 1 and info["precision"] == "fp32" and info["quantization"] == "nf4"
+    assert info["world_size"] == 1 and info["precision"] == "bf16" and info["quantization"] == "nf4"
     assert info["total_optimizer_steps"] == 4 and info["micro_batches_per_epoch"] == 6
     assert "auto" not in json.dumps(info["ds_config"])
     assert info["ds_config"]["optimizer"]["params"]["weight_decay"] == 0.1
-    assert info["ds_config"]["bf16"]["enabled"] is False
+    assert info["ds_config"]["bf16"]["enabled"] is True
+    assert "precision auto:" not in log  # named on the command line: nothing to explain
     assert re.search(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+$", log, re.M)
 
     state = read_json(os.path.join(out, "epoch-2-step-4", "trainer_state.json"))
@@ -153,13 +160,14 @@ def test_interrupted_run_resumes_to_the_same_weights(single_run, tiny_ckpt, data
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     # From step 1 (micro-batch 4 of 6), saving every 2 steps, logging every 3, stopping after step 3: step 3 is lost.
     log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, first, save_model_step=2, stop_after_steps=3,
-                                                  show_loss_step=3,
+                                                  show_loss_step=3, precision=SINGLE_PRECISION,
                                                   resume_from_checkpoint=os.path.join(out, "epoch-1-step-1"))])
     assert "(weights_only load)" in log and "stopped after step 3" in log  # no pickle code runs on resume
     assert sorted(d for d in os.listdir(first) if d.startswith("epoch-")) == ["epoch-1-step-2"]
     first_lines = STEP_LINE.findall(log)
     # the step-2 checkpoint holds step 2's unlogged losses, which the step-3 line of the second run takes in
     log = run([sys.executable, "train.py", *flags(tiny_ckpt, data_dir, second, save_model_step=2, show_loss_step=3,
+                                                  precision=SINGLE_PRECISION,
                                                   resume_from_checkpoint=os.path.join(first, "epoch-1-step-2"))])
     assert [int(m[2]) for m in STEP_LINE.findall(log)] == [3, 4] == [int(m[2]) for m in first_lines] + [4]
 
@@ -263,7 +271,7 @@ def test_checkpoints_carry_our_model_card(single_run, tiny_ckpt):
     ppl = dict(read_json(os.path.join(out, "epoch-2-step-4", "trainer_state.json"))["history"]["eval"])[4]
     assert f"- test perplexity (token-weighted): {ppl:.4f}" in card
     for row in ("| epochs | 2 (this is epoch 2, optimizer step 4 of 4) |", "| quantization | 4-bit NF4",
-                "| precision | fp32 on cpu |", "| world size | 1 |", "| LoRA | r 8, alpha 16, dropout 0.1, on c_attn",
+                "| precision | bf16 on cpu |", "| world size | 1 |", "| LoRA | r 8, alpha 16, dropout 0.1, on c_attn",
                 "| learning rate | 0.02 peak", "| batch | 2 per rank × 4 accumulation × 1 rank(s) |"):
         assert row in card, row
     assert "the base has random weights (qwen1_8.make_tiny)" in card
@@ -296,6 +304,11 @@ def test_checkpoints_get_the_users_usual_permissions(single_run):
             assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def optimizer_partitions(state_dir: str) -> int:
+    """The ZeRO optimizer-state files of a DeepSpeed checkpoint, one per rank (bf16_zero_pp_rank_N_... in bf16 mode)."""
+    return sum(bool(re.match(r"(bf16_)?zero_pp_rank_\d+_", f)) for f in os.listdir(state_dir))
+
+
 def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     out = str(tmp_path / "out")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -308,16 +321,21 @@ def test_two_ranks_zero2_over_gloo(tiny_ckpt, data_dir, tmp_path):
     lines = STEP_LINE.findall(log)
     assert [int(m[2]) for m in lines] == [1, 2, 3, 4]  # printed by rank 0 only
     assert float(lines[-1][4]) < float(lines[0][4]) - 0.05
+    # --precision auto: bf16 in DeepSpeed's bf16 mode where this CPU computes it natively, else fp32; said once
+    auto = "bf16" if cpu_computes_bf16() else "fp32"
+    assert log.count("precision auto: bf16 (this CPU computes bf16 natively; --precision fp32 to override)") == (
+        auto == "bf16")
     # saved at both epoch ends; --save_total_limit 1 keeps the newest and the best
     assert f"saved {out}/epoch-1-step-2" in log and f"saved {out}/epoch-2-step-4" in log
     best = os.path.basename(read_json(os.path.join(out, "best_checkpoint.json"))["path"])
     assert sorted(d for d in os.listdir(out) if d.startswith("epoch-")) == sorted({best, "epoch-2-step-4"})
     info = read_json(os.path.join(out, "train_args.json"))
     assert info["world_size"] == 2 and info["ds_config"]["train_batch_size"] == 2 * 2 * 2
+    assert info["precision"] == auto and info["ds_config"]["bf16"]["enabled"] is (auto == "bf16")
     assert info["args"]["truncation"] == "turns"  # predict.py cuts prompts the same way
     assert info["ds_config"]["zero_optimization"]["stage"] == 2
     state_dir = os.path.join(out, "epoch-2-step-4", "deepspeed", "state")
-    assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # optimizer state partitioned
+    assert optimizer_partitions(state_dir) == 2  # optimizer state partitioned
     assert os.path.isfile(os.path.join(out, "epoch-2-step-4", "adapter_model.safetensors"))
     assert os.path.isfile(os.path.join(out, "train_loss.png")) and os.path.isfile(os.path.join(out, "test_ppl.png"))
     # DeepSpeed's CPU allreduce buffers (69 MB of RAM per rank) were created and are not left behind in /dev/shm
@@ -348,7 +366,7 @@ def test_two_nodes_as_the_multi_node_runner_starts_them(tiny_ckpt, data_dir, tmp
     info = read_json(os.path.join(out, "train_args.json"))
     assert info["world_size"] == 2
     state_dir = os.path.join(out, "epoch-1-step-2", "deepspeed", "state")
-    assert sum(f.startswith("zero_pp_rank_") for f in os.listdir(state_dir)) == 2  # a partition from each machine
+    assert optimizer_partitions(state_dir) == 2  # a partition from each machine
     assert os.path.isfile(os.path.join(out, "epoch-1-step-2", "rng_state_rank1.json"))
 
 
@@ -370,6 +388,41 @@ def test_lora_on_every_linear_but_lm_head_at_the_1_8b_shape():
     trainable, total = peft_model.get_nb_trainable_parameters()
     assert trainable == 13_418_496
     assert total == 1_836_828_672 + 13_418_496
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_where_the_hardware_computes_it(native, monkeypatch):
+    """--precision auto on either kind of CPU (and GPU), whichever this one is: torch's capability checks decide."""
+    monkeypatch.setattr(qlora, "cpu_computes_bf16", lambda: native)
+    monkeypatch.setattr(qlora, "native_bf16", lambda device: native)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    expected = "bf16" if native else "fp32"
+    assert qlora.resolve_precision("auto", cpu) == expected == qlora.resolve_precision("auto", gpu)
+    for named in ("fp32", "bf16"):  # a named precision is taken as it is on the CPU (bf16 emulated where not native)
+        assert qlora.resolve_precision(named, cpu) == named
+        assert qlora.precision_note(named, named, cpu) is None
+    note = qlora.precision_note("auto", expected, cpu)
+    assert note == ("precision auto: bf16 (this CPU computes bf16 natively; --precision fp32 to override)"
+                    if native else None)
+    assert qlora.precision_note("auto", expected, gpu) is None  # bf16 on an Ampere GPU is what everyone expects
+    if not native:
+        with pytest.raises(ConfigError, match="this GPU does not support bf16"):
+            qlora.resolve_precision("bf16", gpu)
+
+
+def test_a_resume_continues_in_the_precision_it_was_trained_in(tmp_path):
+    """auto resolves on the machine at hand: a run begun in fp32 (a CPU without native bf16, or train.py before auto
+    took bf16 on CPUs) and resumed here in bf16, or the other way round, is refused, naming the flag that resumes it;
+    the flag itself may change (auto -> the precision it gave)."""
+    checkpoint = tmp_path / "epoch-1-step-2"
+    checkpoint.mkdir()
+    (checkpoint / "train_args.json").write_text(json.dumps({"args": {"precision": "auto"}, "precision": "fp32"}))
+    train.check_resume_precision(str(checkpoint), "auto", "fp32")
+    train.check_resume_precision(str(checkpoint), "fp32", "fp32")
+    with pytest.raises(SystemExit, match=r"epoch-1-step-2 was trained in fp32, and --precision auto is bf16 here; "
+                                         r"pass --precision fp32 to resume it"):
+        train.check_resume_precision(str(checkpoint), "auto", "bf16")
+    assert "precision" not in train.RESUME_SAME_FLAGS  # so that --precision fp32 is accepted for a run begun on auto
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
