@@ -376,7 +376,7 @@ def optimizer_settings_of(args: argparse.Namespace) -> OptimizerSettings:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_datasets(args: argparse.Namespace, tokenizer, schema: Schema, rank: int):
+def build_datasets(args: argparse.Namespace, tokenizer, schema: Schema = CHAPTER_SCHEMA, rank: int = 0):
     try:
         for path in (args.train_path, args.test_path):
             if path:
