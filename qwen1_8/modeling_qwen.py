@@ -3,10 +3,9 @@
 Checkpoint-compatible with the published weights (the published names and shapes). Reads bottom-up:
 RMSNorm -> rotary -> attention -> MLP -> block -> model -> LM head.
 
-Differences from Qwen's own remote code, all deliberate: attention runs through torch's scaled_dot_product_attention
-with one explicit mask that combines causality and padding (the original lost the causal mask whenever an
-attention_mask was passed), except a decoding step in bf16 on the CPU, where two matmuls and a softmax do the same
-in half the time (`cpu_bf16_step_attention`); rotary embeddings follow `position_ids` (the original
+Differences from Qwen's own remote code, all deliberate: attention always runs through
+torch's scaled_dot_product_attention with one explicit mask that combines causality and padding (the original lost
+the causal mask whenever an attention_mask was passed); rotary embeddings follow `position_ids` (the original
 ignored them, so left-padded batches generated from shifted positions); the KV cache is transformers' Cache API;
 precision is the caller's `dtype`, never chosen from the hardware.
 
@@ -140,30 +139,11 @@ class QWenAttention(nn.Module):
             logn = torch.where(pos > self.seq_length, torch.log(pos) / math.log(self.seq_length), 1.0)
             q = (q.float() * logn[None, None, :, None]).type_as(q)
 
-        if T == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not self.training \
-                and mask is not None and mask.dtype == torch.bool:
-            out = cpu_bf16_step_attention(q, k, v, mask, self.scale)  # (B, H, 1, D)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask is None and T > 1, scale=self.scale)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1, scale=self.scale)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.projection_size)
         return self.c_proj(out)
-
-
-def cpu_bf16_step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """Attention of one query per row, (B, H, 1, D) over keys and values (B, H, S, D), under a boolean mask (B, 1, 1,
-    S), True = may attend: what scaled_dot_product_attention computes, as two bf16 matmuls with the softmax in fp32.
-    torch 2.13's CPU SDPA takes 1.5x fp32's time for a one-token query in bf16 (its fused kernel gains nothing from
-    bf16 there), these matmuls half of fp32's (bench/RESULTS.md, bench.bench_kernels); the prompt's attention, many
-    queries at once, stays on SDPA, where bf16 and fp32 cost the same. The scores are rounded to bf16 once (SDPA keeps
-    them in fp32), so the result is a bf16 rounding or two further from the exact attention than SDPA's
-    (tests/test_qwen_model.py); the memorised model's answers in bf16 stay fp32's, token for token
-    (tests/test_memorise_recall.py)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, H, 1, S)
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return torch.matmul(weights.to(v.dtype), v)
 
 
 class QWenMLP(nn.Module):

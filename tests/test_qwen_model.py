@@ -403,41 +403,6 @@ def test_cached_forward_with_4bit_layers(tiny_ckpt):
     check_cached_forward(model, model, static_width=False)
 
 
-def test_the_cpu_bf16_step_attention_is_sdpas(monkeypatch, tiny_ckpt):
-    """The decoding step's attention in bf16 on the CPU (two matmuls, the softmax in fp32) stays within a few bf16
-    roundings of the exact attention, for rows that attend over 1 to all of the slots (SDPA's own bf16 result, which
-    keeps its scores in fp32, about half as far); and decode_step takes it in every layer of a bf16 model, and only
-    there."""
-    import torch.nn.functional as F
-
-    from qwen1_8 import modeling_qwen
-
-    g = torch.Generator().manual_seed(0)
-    B, H, S, D = 5, 4, 37, 16
-    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (1, S, S))
-    mask = modeling_qwen.row_attention_mask(torch.tensor([0, 5, 36, 17, 2]), S)
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25)
-    bf16 = [t.bfloat16() for t in (q, k, v)]
-    ours = modeling_qwen.cpu_bf16_step_attention(*bf16, mask, 0.25)
-    sdpa = F.scaled_dot_product_attention(*bf16, attn_mask=mask, scale=0.25)
-    assert ours.dtype == torch.bfloat16 and ours.shape == (B, H, 1, D)
-    error, sdpa_error = ((t.double() - exact).abs().max().item() for t in (ours, sdpa))
-    scale = exact.abs().max().item()
-    assert error <= 3 * sdpa_error and error <= 4 * 2 ** -8 * scale, (error, sdpa_error, scale)
-
-    calls = []
-    real = modeling_qwen.cpu_bf16_step_attention
-    monkeypatch.setattr(modeling_qwen, "cpu_bf16_step_attention", lambda *a: calls.append(1) or real(*a))
-    for dtype, expected in ((torch.bfloat16, 2), (torch.float32, 0)):
-        calls.clear()
-        model = QWenLMHeadModel.from_pretrained(tiny_ckpt, dtype=dtype).eval()
-        cache = model.row_cache(2, 16)
-        model.prefill(torch.tensor([1, 2, 3]), cache, 0, 0)  # many queries: SDPA
-        assert calls == []
-        logits = model.decode_step(torch.tensor([4, 5]), torch.tensor([3, 0]), cache, 4)
-        assert len(calls) == expected and torch.isfinite(logits).all()  # one call per layer in bf16
-
-
 def test_a_row_cache_stays_within_seq_length(model):
     with pytest.raises(ValueError, match="at most seq_length"):
         model.row_cache(1, model.config.seq_length + 64)
