@@ -43,7 +43,8 @@ from medextract.grammar_pool import GrammarBounds
 from medextract.inference import (DEFAULT_MODEL_PATH, PROMPT_OVERHEAD, Interrupted, check_model_dir_files, dtype_note,
                                   load_engine)
 from medextract.model_files import RANDOM_WEIGHTS_NOTE, has_random_weights
-from utils import HelpFormatter, fail, resolve_device, set_random_seed, silence_library_deprecations
+from utils import (HelpFormatter, fail, resolve_device, return_freed_memory, set_random_seed,
+                   silence_library_deprecations)
 
 PROG = "serve.py"
 
@@ -144,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_random_seed(args.seed)
     try:
         device = resolve_device(args.device)
+        return_freed_memory(device)  # prompts of every length, for as long as it runs
         check_model_dir_files(args.model_path)
         print(dtype_note(args.dtype, device), flush=True)
         engine = load_engine(args.model_path, device, dtype_of(args, device), args.max_batch_size, True)

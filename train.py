@@ -63,7 +63,7 @@ from medextract.training import (OptimizerSettings, ResumableDistributedSampler,
                                  build_engine, library_versions, load_ds_json, model_inputs, write_plots)
 from utils import (IGNORE_INDEX, TRUNCATIONS, WEIGHT_FILES, DataCollator, HelpFormatter, QwenPromptDataSet,
                    atomic_write_text, check_output_path, fail, load_tokenizer, log_rank_0, one_line, print_rank_0,
-                   set_random_seed, silence_library_deprecations)
+                   return_freed_memory, set_random_seed, silence_library_deprecations)
 
 PROG = "train.py"
 
@@ -192,6 +192,7 @@ def run_training(args: argparse.Namespace) -> None:
                                            args.eval_generation_batch_size, schema)
 
     rank, world_size, device = init_distributed()
+    return_freed_memory(device)  # batches of every length: in bf16 on a CPU, glibc would keep each one's blocks
     check_output_dir_shared(args.output_dir, rank, world_size, device)
     precision = resolve_precision(args.precision, device)
     if note := precision_note(args.precision, precision, device):

@@ -23,7 +23,8 @@ from typing import Iterable, Union
 
 import torch
 
-from utils import CHAPTER_FIELDS, Fields, parse_output, resolve_device, set_random_seed, silence_library_deprecations
+from utils import (CHAPTER_FIELDS, Fields, parse_output, resolve_device, return_freed_memory, set_random_seed,
+                   silence_library_deprecations)
 
 from .engine import Decoding, Engine, Result
 from .errors import ConfigError
@@ -110,6 +111,7 @@ class Extractor:
             torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        return_freed_memory(torch_device)
         if isinstance(dtype, torch.dtype):
             torch_dtype = dtype
         else:

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from utils import (DTYPES, TRUNCATIONS, HelpFormatter, check_output_path, exclusive_output, resolve_device,
-                   set_random_seed, silence_library_deprecations)
+                   return_freed_memory, set_random_seed, silence_library_deprecations)
 
 from .engine import Decoding
 from .errors import ConfigError, MedextractError, OutputError
@@ -206,6 +206,7 @@ def run_extraction(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return_freed_memory(device)
     decoding, truncation, schema = decoding_of(args), truncation_of(args), schema_of(args)
     print(dtype_note(args.dtype, device), flush=True)
     if has_random_weights(args.model_path):  # before the first answer, batch or interactive
