@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 
+import evaluate
+import merge_params
+import predict
 from qwen1_8.make_tiny import make_tiny
 from utils import INSTRUCTION, cpu_computes_bf16, format_output
 
@@ -28,12 +31,21 @@ CASES = [
 
 
 def run(*args):
+    """A script as its own process (train.py: its process group and DeepSpeed stay out of the test's)."""
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
 
-def test_memorise_then_recall(tmp_path):
+def script(main, capsys, *args: str) -> str:
+    """A script's main() in this process, which has imported what a new process would spend seconds on; its
+    standard output."""
+    capsys.readouterr()
+    assert not main(list(args))
+    return capsys.readouterr().out
+
+
+def test_memorise_then_recall(tmp_path, capsys):
     rows = [{"instruction": INSTRUCTION, "input": d, "output": format_output(e)} for d, e in CASES]
     gold, train = tmp_path / "gold.json", tmp_path / "train.json"
     gold.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -55,13 +67,13 @@ def test_memorise_then_recall(tmp_path):
     first = next(e for e in best["evaluations"] if e["f1"] == 1.0)
     assert best["select_by"] == "f1" and best["step"] == first["step"] and best["f1"] == 1.0
     merged = tmp_path / "merged"
-    run("merge_params.py", "--ori_model_dir", base, "--model_dir", str(out / "epoch-6-step-120"),
-        "--save_model_dir", str(merged))
+    script(merge_params.main, capsys, "--ori_model_dir", base, "--model_dir", str(out / "epoch-6-step-120"),
+           "--save_model_dir", str(merged), "--device", "cpu")
     pred, free = tmp_path / "pred.jsonl", tmp_path / "free.jsonl"
     common = ["--model_path", str(merged), "--input_file", str(gold), "--batch_size", "3", "--max_tgt_len", "200",
               "--max_len", "512", "--max_src_len", "400"]
-    run("predict.py", *common, "--output_file", str(pred))  # --constraint grounded, the default
-    run("predict.py", *common, "--output_file", str(free), "--constraint", "none")
+    script(predict.main, capsys, *common, "--output_file", str(pred))  # --constraint grounded, the default
+    script(predict.main, capsys, *common, "--output_file", str(free), "--constraint", "none")
     records = [json.loads(line) for line in pred.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["id"] for r in records) == [0, 1, 2]
     assert all(r["num_new_tokens"] < 200 and not r["truncated"] for r in records)  # stopped at <|im_end|>
@@ -74,11 +86,11 @@ def test_memorise_then_recall(tmp_path):
     # CPU) gives the fp32 answers token for token where the model is sure of them, grammar and all: the dtype auto
     # did not take, against auto's answers above
     other = tmp_path / "pred_other_dtype.jsonl"
-    run("predict.py", *common, "--output_file", str(other), "--dtype",
-        "float32" if cpu_computes_bf16() else "bfloat16")
+    script(predict.main, capsys, *common, "--output_file", str(other), "--dtype",
+           "float32" if cpu_computes_bf16() else "bfloat16")
     answers = {r["id"]: r for r in map(json.loads, other.read_text(encoding="utf-8").splitlines())}
     for r in records:
         assert (answers[r["id"]]["output"], answers[r["id"]]["num_new_tokens"]) == (r["output"], r["num_new_tokens"])
-    report = json.loads(run("evaluate.py", "--gold", str(gold), "--pred", str(pred), "--json"))
+    report = json.loads(script(evaluate.main, capsys, "--gold", str(gold), "--pred", str(pred), "--json"))
     assert report["overall"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     assert report["exact_match"] == 1.0 and report["json_valid_rate"] == 1.0 and report["grounded_rate"] == 1.0

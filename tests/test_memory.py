@@ -20,7 +20,7 @@ layer = torch.nn.Linear(2048, 2048).to(torch.bfloat16)
 with torch.inference_mode():
     layer(torch.randn(1, 64, 2048, dtype=torch.bfloat16))
     before = resident_mb()
-    for length in range(500, 650):  # 150 prompt lengths, 2 to 2.7 MB of activations each
+    for length in range(500, 600):  # 100 prompt lengths, 2 to 2.5 MB of activations each
         layer(torch.randn(1, length, 2048, dtype=torch.bfloat16))
 print(resident_mb() - before)
 """
