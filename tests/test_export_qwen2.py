@@ -1,4 +1,4 @@
-"""export_qwen2.py: a tiny model trained by train.py, merged by merge_params.py (in bf16, as the published model is)
+"""export_qwen2.py: a tiny model with a LoRA adapter, merged by merge_params.py (in bf16, as the published model is)
 and exported, then loaded by stock transformers in a process that cannot import this project: fp32 logits equal ours,
 greedy decoding equals ours, a left-padded batch equals its rows alone. The tokenizer gives our ids on every dialogue
 of data/all.json, on strings built to split differently and on the vocabulary itself, and its chat template gives
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import export_qwen2
 import merge_params
 from medextract.schema import CHAPTER_SCHEMA, SCHEMA_FILE, load_schema, schema_from_json
-from utils import INSTRUCTION, build_chatml_ids, format_output
+from utils import INSTRUCTION, build_chatml_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
@@ -64,37 +64,46 @@ save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(work, "stock
 '''
 
 
-def run(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout
+def lora_checkpoint(base: str, out) -> str:
+    """A checkpoint as train.py leaves one: a LoRA adapter on every linear layer but lm_head (random, B too, so the
+    update is not zero), the tokenizer files, train_args.json and schema.json. The export carries the merge,
+    not the training: train.py -> merge_params.py is run whole by the recall tests (test_memorise_recall.py,
+    test_schema_recall.py)."""
+    from peft import LoraConfig, get_peft_model
+
+    from medextract.qlora import lora_target_names
+    from qwen1_8.modeling_qwen import QWenLMHeadModel
+    from utils import load_tokenizer
+
+    model = QWenLMHeadModel.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_names(model), task_type="CAUSAL_LM")
+    adapted = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B starts at zero; a few training steps' worth of update instead
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    adapted.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(base).save_pretrained(str(out))
+    (out / "train_args.json").write_text(json.dumps({"args": {"max_len": 160, "max_src_len": 64,
+                                                              "truncation": "tokens"}}), encoding="utf-8")
+    (out / SCHEMA_FILE).write_text(CHAPTER_SCHEMA.text(), encoding="utf-8")
+    return str(out)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """train.py (4-bit QLoRA, 2 steps) -> merge_params.py --dtype bf16 -> export_qwen2.py, on a tiny model whose
-    0.2 init gives logits with clear winners (Qwen's 0.02 makes a width-64 model's logits nearly flat)."""
+    """A LoRA checkpoint -> merge_params.py --dtype bf16 -> export_qwen2.py, on a tiny model whose 0.2 init gives
+    logits with clear winners (Qwen's 0.02 makes a width-64 model's logits nearly flat)."""
     from qwen1_8.make_tiny import make_tiny
 
     d = tmp_path_factory.mktemp("export")
     base = make_tiny(str(d / "tiny"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=256, seed=0, initializer_range=0.2)
-    with open(d / "train.json", "w", encoding="utf-8") as f:
-        for i, drug in enumerate(["阿莫西林", "布洛芬", "奥司他韦", "蒙脱石散"] * 2):
-            extract = {"药品名称": [drug], "药物类别": [], "医疗检查": [], "医疗操作": [], "现病史": f"咳嗽{i + 1}天",
-                       "辅助检查": "", "诊断结果": "", "医疗建议": "多喝水"}
-            sample = {"instruction": "抽取医疗要素：\n", "input": f"患者：咳嗽{i + 1}天了。\n医生：吃点{drug}。",
-                      "output": format_output(extract)}
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    run("train.py", "--train_path", str(d / "train.json"), "--test_path", "", "--model_name_or_path", base,
-        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_train_epochs", "1",
-        "--learning_rate", "2e-2", "--lora_dim", "8", "--lora_alpha", "16", "--max_len", "160", "--max_src_len", "64",
-        "--save_model_step", "0", "--output_dir", str(d / "run"))
+    checkpoint = lora_checkpoint(base, d / "run" / "epoch-1-step-2")
     merged, export = str(d / "merged"), str(d / "merged-qwen2")
-    merge_params.main(["--ori_model_dir", base, "--model_dir", str(d / "run" / "epoch-1-step-2"),
-                       "--save_model_dir", merged, "--device", "cpu", "--dtype", "bf16"])
+    merge_params.main(["--ori_model_dir", base, "--model_dir", checkpoint, "--save_model_dir", merged, "--device",
+                       "cpu", "--dtype", "bf16"])
     export_qwen2.main(["--model_path", merged, "--max_shard_size", "30MB"])  # default output: merged-qwen2
     return merged, export
 
@@ -116,7 +125,7 @@ def test_export_files_dtype_and_permissions(trained):
     with open(os.path.join(export, "instruction.txt"), encoding="utf-8") as f:
         assert f.read() == INSTRUCTION  # what a client with no project code puts before the dialogue
     assert load_schema(os.path.join(export, SCHEMA_FILE)) == load_schema(os.path.join(merged, SCHEMA_FILE)) \
-        == CHAPTER_SCHEMA  # train.py's, carried by merge_params.py and on into the export
+        == CHAPTER_SCHEMA  # the checkpoint's, carried by merge_params.py and on into the export
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     assert len(shards) >= 2 and not [f for f in files if f.endswith((".py", ".bin", ".tiktoken"))]
     for shard in shards:
