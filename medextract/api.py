@@ -17,7 +17,6 @@ fail to load).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Iterable, Union
 
@@ -31,7 +30,7 @@ from .errors import ConfigError
 from .grammar import CONSTRAINTS
 from .inference import (Truncation, check_generation, check_model_dir_files, dialogue_request, examples_of,
                         load_engine, resolve_dtype, trained_truncation)
-from .schema import CHAPTER_SCHEMA, Schema, model_schema, resolve_schema
+from .schema import CHAPTER_SCHEMA, Schema, resolve_schema
 
 
 @dataclass(frozen=True)
@@ -119,13 +118,7 @@ class Extractor:
                 torch_dtype = resolve_dtype(dtype, torch_device)
             except KeyError:
                 raise ConfigError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
-        if isinstance(schema, Schema):
-            own = model_schema(model_path) if os.path.isdir(model_path) else None
-            if own is not None and own != schema:
-                raise ConfigError(f"schema differs from the one {model_path} was trained with ({own.describe()})")
-            answer_schema = schema
-        else:
-            answer_schema = resolve_schema(model_path, schema, "schema")
+        answer_schema = resolve_schema(model_path, schema, "schema")
         cut, _ = trained_truncation(model_path, max_len, max_src_len, truncation)
         check_generation(model_path, Decoding(), constraint, cut)
         check_model_dir_files(model_path)

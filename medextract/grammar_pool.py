@@ -50,7 +50,6 @@ WORKER_CODE = "import os; os.nice(19); from medextract.grammar_pool import serve
 CACHE_ENTRIES = 64
 CACHE_BYTES = 1 << 30  # compiled grammars and their texts
 RESPAWN_DELAY = 5.0  # after a worker failed to start
-SCHEMA_EBNF = build_ebnf("", "schema")  # the chapter's fields' (the same for every dialogue)
 
 
 @dataclass(frozen=True)

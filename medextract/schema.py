@@ -195,14 +195,15 @@ def model_schema(model_dir: str) -> Schema | None:
     return load_schema(path, flag="") if os.path.isfile(path) else None
 
 
-def resolve_schema(model_dir: str | None, path: str | None, flag: str = "--schema") -> Schema:
-    """The schema to answer with: the model's own (`model_dir`/schema.json); else the file `path` (`--schema`, for a
-    model trained elsewhere or an API); else the chapter's. A `--schema` that differs from the model's is refused:
-    the model answers the fields it learned."""
+def resolve_schema(model_dir: str | None, path: str | Schema | None, flag: str = "--schema") -> Schema:
+    """The schema to answer with: the model's own (`model_dir`/schema.json); else `path`, a schema file (`--schema`,
+    for a model trained elsewhere) or a Schema (the Python API); else the chapter's. One that differs from the
+    model's is refused: the model answers the fields it learned."""
     own = model_schema(model_dir) if model_dir else None
-    given = load_schema(path, flag) if path else None
+    given = (path if isinstance(path, Schema) else load_schema(path, flag)) if path else None
     if own is not None and given is not None and given != own:
-        raise ConfigError(f"{flag} {path} differs from the schema {os.path.join(model_dir, SCHEMA_FILE)} the model "
+        named = flag if isinstance(path, Schema) else f"{flag} {path}"
+        raise ConfigError(f"{named} differs from the schema {os.path.join(model_dir, SCHEMA_FILE)} the model "
                           f"was trained with ({own.describe()}); leave {flag} out to use the model's")
     return own or given or CHAPTER_SCHEMA
 

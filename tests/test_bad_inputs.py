@@ -460,6 +460,16 @@ CASES = {
             d, "other.json", '{"fields": [{"name": "药品名称", "kind": "spans"}]}')], ["--schema", "other.json",
                                                                                    "differs"]),
 
+    "predict model's schema.json not JSON": lambda d, s: Case("predict.py", predict(s, d, model=model_copy(
+        d, s.tiny, files={"schema.json": b'{"fields": '})), ["schema.json", "not valid JSON"]),
+    "test_qwen schema of an unknown kind": lambda d, s: Case("test_qwen.py", predict(s, d, "--schema", text_file(
+        d, "s.json", '{"fields": [{"name": "症状", "kind": "list"}]}')), ["--schema", "s.json", 'unknown kind "list"']),
+    "test_openai schema without fields": lambda d, s: Case("test_openai.py", openai_flags(s, d) + ["--schema", text_file(
+        d, "s.json", '{"instruction": "抽取：\\n"}')], ["--schema", "s.json", '"fields" must be a non-empty list']),
+    "export schema file missing": lambda d, s: Case("export_qwen2.py", ["--model_path", s.tiny, "--output_dir",
+                                                                        str(d / "q2"), "--schema", str(d / "no.json")],
+                                                    ["--schema", "no.json", "no such file"]),
+
     # merge_params.py: the output folder, then the adapter, the base and the run directory
     "merge save_model_dir is a file": lambda d, s: Case("merge_params.py", merge(s, d, save=a_file(d)),
                                                         ["--save_model_dir", "is a file"]),

@@ -3,8 +3,10 @@ grammar, the LRU of compiled grammars. tests/test_serve.py runs the workers them
 import pytest
 
 from medextract.grammar import build_ebnf, build_vocabulary
-from medextract.grammar_pool import (SCHEMA_EBNF, BoundedVocabulary, GrammarCache, GrammarRefused,
-                                     may_be_grounded_grammar, unproductive_rule, vet)
+from medextract.grammar_pool import (BoundedVocabulary, GrammarCache, GrammarRefused, may_be_grounded_grammar,
+                                     unproductive_rule, vet)
+
+SCHEMA_EBNF = build_ebnf("", "schema")  # the chapter's fields' format grammar, the same for every dialogue
 
 DIALOGUE = "患者：孩子发烧两天了，咳嗽。\n医生：可以吃点布洛芬，多喝水。"
 

@@ -10,8 +10,6 @@ serve.py (/v1/extract and the page, in a real browser) take it from there by the
 exactly the schema's keys in its order, every span at its true offsets."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -22,6 +20,7 @@ import merge_params
 import predict
 import train
 from qwen1_8.make_tiny import make_tiny
+from test_memorise_recall import run, script
 from test_serve import (CHROMEDRIVER, CHROMIUM, KEY, browser, check_page_answer, extract, health, paste_and_extract,
                         start_server, stop_server)
 
@@ -53,21 +52,6 @@ def derived_records(count: int = 3, max_chars: int = 160) -> list[dict]:
         if len(out) == count:
             return out
     raise AssertionError("data/all.json has too few dialogues for this test")
-
-
-def run(*args):
-    """A script as its own process (train.py: its process group and DeepSpeed stay out of the test's)."""
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def script(main, capsys, *args: str) -> str:
-    """A script's main() in this process, which has imported what a new process would spend seconds on; its
-    standard output."""
-    capsys.readouterr()
-    assert not main(list(args))
-    return capsys.readouterr().out
 
 
 def test_a_schema_of_ones_own_is_learnt_and_recalled(tmp_path, capsys):
